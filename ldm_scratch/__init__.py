@@ -1,0 +1,18 @@
+"""ldm_scratch: Stable Diffusion v1 (latent diffusion) from scratch, in readable, math-annotated PyTorch.
+
+Data flows one way: text → tokens (tokenizer.py) → embeddings (clip.py); noise → UNet steps (unet.py, samplers/)
+→ latents → VAE decoder (vae.py) → pixels. pipeline.py ties them together; checkpoint.py loads official weights.
+"""
+__version__ = "0.1.0"
+
+
+def load_tokenizer(path=None):
+    """The CLIP BPE tokenizer; see tokenizer.load_tokenizer for where the vocabulary is found."""
+    from .tokenizer import load_tokenizer as _load
+    return _load(path)
+
+
+def load_pipeline(path=None, **options):
+    """A Stable Diffusion pipeline from an official file or diffusers folder (None: the bundled tiny model)."""
+    from .pipeline import load_pipeline as _load
+    return _load(path, **options)

@@ -1,0 +1,399 @@
+"""The denoising network of Stable Diffusion v1: a conditional UNet that predicts the noise in a latent.
+
+    eps_pred = UNet(x_t, t, context)
+
+x_t [B, 4, h, w] is a noisy latent (h = w = 64 for a 512² image), t the diffusion timestep (0…999, int or float),
+context [B, 77, 768] the CLIP text encoder's last hidden state. The output eps_pred [B, 4, h, w] estimates the
+noise ε that the forward process q(x_t | x_0) mixed into x_0:  x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε.
+The inpainting model takes 9 input channels: the 4 latent channels, 1 mask channel and the 4 channels of the
+masked image's latent, concatenated; everything after the first convolution is the same.
+
+Shapes through the levels at full size (SD v1: model_channels 320, channel_mult 1, 2, 4, 4), for a 64×64 latent:
+
+    input_conv                 [B,    4, 64, 64] → [B,  320, 64, 64]
+    down.0  2×(res, attn) ↓    [B,  320, 64, 64] → [B,  320, 32, 32]
+    down.1  2×(res, attn) ↓    [B,  320, 32, 32] → [B,  640, 16, 16]
+    down.2  2×(res, attn) ↓    [B,  640, 16, 16] → [B, 1280,  8,  8]
+    down.3  2×res              [B, 1280,  8,  8] → [B, 1280,  8,  8]
+    middle  res, attn, res     [B, 1280,  8,  8] → [B, 1280,  8,  8]
+    up.3    3×res ↑            [B, 1280,  8,  8] → [B, 1280, 16, 16]
+    up.2    3×(res, attn) ↑    [B, 1280, 16, 16] → [B, 1280, 32, 32]
+    up.1    3×(res, attn) ↑    [B, 1280, 32, 32] → [B,  640, 64, 64]
+    up.0    3×(res, attn)      [B,  640, 64, 64] → [B,  320, 64, 64]
+    output_norm, SiLU, output_conv                 → [B,    4, 64, 64]
+
+`up.i` mirrors `down.i` (same resolution, same width) and runs in the reverse order. Every activation the encoder
+half produces (12 of them: the input conv's, each res/attn pair's, each downsample's) is kept and concatenated
+onto the channels of one decoder ResBlock — the UNet's skip connections; that is why the up levels have one more
+ResBlock than the down levels and why their ResBlocks take e.g. 1280 + 640 = 1920 channels.
+
+The timestep enters every ResBlock (as a per-channel bias), the prompt enters every SpatialTransformer (through
+cross-attention): each latent pixel asks "which words are about me?" and pulls in their embeddings. Dropout is left
+out (SD v1 trains with dropout 0).
+
+Parameter names are ours; checkpoint.UNET_RULES maps the official CompVis names onto them, and
+checkpoint.DIFFUSERS_UNET_RULES the diffusers ones.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import attention
+
+
+@dataclass
+class UNetConfig:
+    """SD v1.x UNet (v1-inference.yaml: `unet_config`). Defaults are the real model: 859,520,964 parameters."""
+    in_channels: int = 4                 # 4 latent channels; 9 for the inpainting model (latent + mask + masked latent)
+    out_channels: int = 4                # eps_pred has the latent's shape
+    model_channels: int = 320            # width of the first level; the timestep embedding has this many channels
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)   # width of level i = model_channels · channel_mult[i]
+    num_res_blocks: int = 2              # ResBlocks per down level (up levels have one more, for the extra skip)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a SpatialTransformer after each ResBlock
+    n_heads: int = 8                     # attention heads (SD v1 fixes the count; d_head = width / 8 = 40, 80, 160)
+    transformer_depth: int = 1           # transformer blocks per SpatialTransformer
+    context_dim: int = 768               # width of the text encoder's output (CLIP ViT-L/14)
+    norm_groups: int = 32                # GroupNorm groups everywhere
+
+    def __post_init__(self):
+        self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
+        for width in (self.model_channels * m for m in self.channel_mult):
+            if width % self.norm_groups or width % self.n_heads:
+                raise ValueError(f"UNetConfig: level width {width} must be divisible by norm_groups="
+                                 f"{self.norm_groups} and n_heads={self.n_heads}; choose model_channels accordingly "
+                                 "(e.g. a multiple of 32).")
+
+    @property
+    def time_dim(self) -> int:
+        """Width of the timestep MLP's output, 4 · model_channels (1280)."""
+        return 4 * self.model_channels
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple], n_heads: int = 8, norm_groups: int = 32) -> "UNetConfig":
+        """Infer the config from a state dict's shapes, keyed by OUR parameter names (after the rule tables).
+
+        Everything but the head count and the GroupNorm groups is visible in the shapes; SD v1 uses 8 heads and
+        32 groups (SD 2.x fixes d_head = 64 instead, which is a different model). 9 input channels ⇒ inpainting.
+        """
+        def levels(pattern: str) -> set[int]:
+            return {int(m[1]) for key in shapes if (m := re.fullmatch(pattern, key))}
+
+        in_channels_shape = shapes["input_conv.weight"]        # [model_channels, in_channels, 3, 3]
+        model_channels = in_channels_shape[0]
+        n_levels = len(levels(r"down\.(\d+)\.res\.0\.conv1\.weight"))
+        channel_mult = tuple(shapes[f"down.{i}.res.0.conv1.weight"][0] // model_channels for i in range(n_levels))
+        attention_levels = tuple(sorted(levels(r"down\.(\d+)\.attn\.0\.norm\.weight")))
+        first_attn = f"down.{attention_levels[0]}.attn.0" if attention_levels else "middle.attn"
+        return cls(
+            in_channels=in_channels_shape[1],
+            out_channels=shapes["output_conv.weight"][0],
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=len(levels(r"down\.0\.res\.(\d+)\.conv1\.weight")),
+            attention_levels=attention_levels,
+            n_heads=n_heads,
+            transformer_depth=len(levels(re.escape(first_attn) + r"\.blocks\.(\d+)\.norm1\.weight")),
+            context_dim=shapes[f"{first_attn}.blocks.0.cross_attn.to_k.weight"][1],
+            norm_groups=norm_groups,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timestep embedding
+# ---------------------------------------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int = 320, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the timestep, as the Transformer's position encoding (Vaswani et al. 2017):
+
+        freq_i = max_period^(−i / (dim/2)),  i = 0 … dim/2 − 1
+        emb(t) = [cos(t · freq_0), …, cos(t · freq_{dim/2−1}), sin(t · freq_0), …, sin(t · freq_{dim/2−1})]
+
+    t: [B] (int or float; fractional t is fine, σ-samplers use it) → [B, dim] float32. The cos half comes first
+    (the CompVis order; diffusers calls this `flip_sin_to_cos=True`).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]                      # [B, dim/2]: t · freq_i
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    """emb = Linear(SiLU(Linear(timestep_embedding(t)))): [B, 320] → [B, 1280], shared by every ResBlock."""
+
+    def __init__(self, in_dim: int, time_dim: int):
+        super().__init__()
+        self.linear1 = nn.Linear(in_dim, time_dim)
+        self.linear2 = nn.Linear(time_dim, time_dim)
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.silu(self.linear1(t_emb)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ResBlock: convolutions that see the timestep
+# ---------------------------------------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding (Ho et al. 2020, after Wide ResNets):
+
+        h   = conv1(SiLU(GroupNorm(x)))                       [B, C_out, h, w]
+        h   = h + time_proj(SiLU(emb))[:, :, None, None]      the timestep as a per-channel bias
+        h   = conv2(SiLU(GroupNorm(h)))
+        out = skip(x) + h                                     skip: 1×1 conv when C_in ≠ C_out, else identity
+
+    x [B, C_in, h, w], emb [B, 1280] → [B, C_out, h, w].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, groups: int = 32):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(emb))[:, :, None, None]        # [B, C_out] broadcast over h × w
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SpatialTransformer: attention over the latent's pixels and over the prompt
+# ---------------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from x [B, N, C], keys and values from `context` [B, M, D] (x itself when
+    None: self-attention).  out = to_out(softmax(Q Kᵀ / √d_head) V), Q = x W_q, K = context W_k, V = context W_v.
+    The projections have no bias (as trained); to_out does."""
+
+    def __init__(self, dim: int, n_heads: int, context_dim: int | None = None):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.n_heads = n_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.n_heads))
+
+
+class GEGLUFeedForward(nn.Module):
+    """The transformer's MLP with a gated GELU (Shazeer 2020): [B, N, C] → [B, N, C] through 4C hidden units.
+
+        a, g = split(x W_1 + b_1)        (W_1: C → 2·4C, split in halves along channels)
+        out  = (a ⊙ GELU(g)) W_2 + b_2
+    """
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.geglu = nn.Linear(dim, 2 * mult * dim)
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.geglu(x).chunk(2, dim=-1)
+        return self.out(a * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer block over the latent's pixels as tokens, x [B, h·w, C]:
+
+        x = x + SelfAttention(LN(x))              pixels exchange information across the whole image
+        x = x + CrossAttention(LN(x), context)    each pixel (query) reads the prompt tokens (keys/values):
+                                                  the only place the text steers the image
+        x = x + GEGLU-FeedForward(LN(x))
+    """
+
+    def __init__(self, dim: int, n_heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, n_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, n_heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer blocks applied to a feature map, with a residual around the whole thing:
+
+        h = proj_in(GroupNorm(x))                          1×1 conv (SD v1; SD 2 uses a Linear), [B, C, h, w]
+        h = rearrange(h, "b c h w -> b (h w) c")           every pixel becomes a token
+        h = TransformerBlock(h, context)  × depth
+        out = x + proj_out(rearrange(h, "b (h w) c -> b c h w"))
+
+    x [B, C, h, w], context [B, 77, D] → [B, C, h, w].
+    """
+
+    def __init__(self, channels: int, n_heads: int, context_dim: int, depth: int = 1, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, n_heads, context_dim) for _ in range(depth))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        for block in self.blocks:
+            h = block(h, context)
+        # back to [B, C, h, w]; contiguous so that proj_out and the residual run in the ordinary memory layout
+        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous()
+        return x + self.proj_out(h)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The levels of the UNet
+# ---------------------------------------------------------------------------------------------------------------
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 (to the size of the skip it will meet, so odd sizes work), then a 3×3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class DownLevel(nn.Module):
+    """One resolution of the encoder half: `n_res` × (ResBlock [→ SpatialTransformer]), then a stride-2 conv
+    that halves h and w (absent at the last level). Pushes every output onto `skips` for the decoder half."""
+
+    def __init__(self, in_channels: int, width: int, config: UNetConfig, attention: bool, downsample: bool):
+        super().__init__()
+        c = config
+        self.res = nn.ModuleList(ResBlock(in_channels if j == 0 else width, width, c.time_dim, c.norm_groups)
+                                 for j in range(c.num_res_blocks))
+        self.attn = nn.ModuleList(
+            SpatialTransformer(width, c.n_heads, c.context_dim, c.transformer_depth, c.norm_groups)
+            for _ in range(c.num_res_blocks)) if attention else None
+        self.downsample = nn.Conv2d(width, width, 3, stride=2, padding=1) if downsample else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                skips: list[torch.Tensor]) -> torch.Tensor:
+        for j, res in enumerate(self.res):
+            x = res(x, emb)
+            if self.attn is not None:
+                x = self.attn[j](x, context)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+            skips.append(x)
+        return x
+
+
+class Middle(nn.Module):
+    """The bottleneck at the lowest resolution: ResBlock → SpatialTransformer → ResBlock, [B, 1280, h/8, w/8]."""
+
+    def __init__(self, width: int, config: UNetConfig):
+        super().__init__()
+        c = config
+        self.res1 = ResBlock(width, width, c.time_dim, c.norm_groups)
+        self.attn = SpatialTransformer(width, c.n_heads, c.context_dim, c.transformer_depth, c.norm_groups)
+        self.res2 = ResBlock(width, width, c.time_dim, c.norm_groups)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x, emb), context), emb)
+
+
+class UpLevel(nn.Module):
+    """One resolution of the decoder half: (n_res + 1) × (concat a skip → ResBlock [→ SpatialTransformer]), then
+    upsample (absent at the top level). `skip_channels[j]` is the width of the skip the j-th ResBlock receives."""
+
+    def __init__(self, in_channels: int, width: int, skip_channels: list[int], config: UNetConfig,
+                 attention: bool, upsample: bool):
+        super().__init__()
+        c = config
+        inputs = [in_channels] + [width] * (len(skip_channels) - 1)
+        self.res = nn.ModuleList(ResBlock(ch + skip, width, c.time_dim, c.norm_groups)
+                                 for ch, skip in zip(inputs, skip_channels))
+        self.attn = nn.ModuleList(
+            SpatialTransformer(width, c.n_heads, c.context_dim, c.transformer_depth, c.norm_groups)
+            for _ in skip_channels) if attention else None
+        self.upsample = Upsample(width) if upsample else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                skips: list[torch.Tensor]) -> torch.Tensor:
+        for j, res in enumerate(self.res):
+            x = res(torch.cat([x, skips.pop()], dim=1), emb)    # [B, C + C_skip, h, w]
+            if self.attn is not None:
+                x = self.attn[j](x, context)
+        if self.upsample is not None:
+            x = self.upsample(x, size=skips[-1].shape[-2:])
+        return x
+
+
+class UNet(nn.Module):
+    """The noise predictor: forward(x [B, C_in, h, w], t [B] or scalar, context [B, 77, D]) → eps_pred [B, 4, h, w].
+
+    h and w are best multiples of 8 (three halvings); other sizes work, the upsamples follow the skips' sizes.
+    """
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = c = config or UNetConfig()
+        widths = [c.model_channels * m for m in c.channel_mult]          # SD v1: 320, 640, 1280, 1280
+        last = len(widths) - 1
+
+        self.time_embedding = TimestepMLP(c.model_channels, c.time_dim)
+        self.input_conv = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+
+        # the encoder half; skip_channels records the width of every activation pushed onto the skip stack
+        skip_channels, ch = [widths[0]], widths[0]
+        self.down = nn.ModuleList()
+        for level, width in enumerate(widths):
+            self.down.append(DownLevel(ch, width, c, level in c.attention_levels, downsample=level != last))
+            skip_channels += [width] * (c.num_res_blocks + (level != last))
+            ch = width
+
+        self.middle = Middle(ch, c)
+
+        # the decoder half, built deepest first (the order it runs in, popping the skip stack), stored by level
+        up = {}
+        for level in reversed(range(len(widths))):
+            skips = [skip_channels.pop() for _ in range(c.num_res_blocks + 1)]
+            up[level] = UpLevel(ch, widths[level], skips, c, level in c.attention_levels, upsample=level != 0)
+            ch = widths[level]
+        self.up = nn.ModuleList(up[level] for level in range(len(widths)))
+
+        self.output_norm = nn.GroupNorm(c.norm_groups, ch)
+        self.output_conv = nn.Conv2d(ch, c.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(f"UNet expects {self.config.in_channels} input channels, got x of shape "
+                             f"{list(x.shape)}" + (" (the inpainting model takes 9: latent, mask, masked-image "
+                                                   "latent)" if self.config.in_channels == 9 else ""))
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        if t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got {t.shape[0]}")
+        t = t.expand(x.shape[0])
+
+        emb = self.time_embedding(timestep_embedding(t, self.config.model_channels).to(x.dtype))   # [B, 1280]
+        h = self.input_conv(x)
+        skips = [h]
+        for level in self.down:
+            h = level(h, emb, context, skips)
+        h = self.middle(h, emb, context)
+        for level in reversed(self.up):
+            h = level(h, emb, context, skips)
+        return self.output_conv(F.silu(self.output_norm(h)))
