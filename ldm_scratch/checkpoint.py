@@ -190,6 +190,8 @@ IGNORED_KEYS = {
     # always arange(77); stored as int64 by old transformers, as float by some merging tools, absent in others
     "cond_stage_model.transformer.text_model.embeddings.position_ids": "CLIP position ids, always arange(77)",
     "cond_stage_model.transformer.embeddings.position_ids": "CLIP position ids, always arange(77)",
+    "text_model.embeddings.position_ids": "CLIP position ids in a diffusers text_encoder/ file",
+    "embeddings.position_ids": "CLIP position ids in a (flattened) diffusers text_encoder/ file",
     "model_ema.decay": "EMA bookkeeping scalar",
     "model_ema.num_updates": "EMA bookkeeping scalar",
 }
@@ -537,10 +539,9 @@ def _load_diffusers_folder(root: Path, dtype) -> LoadedModel:
         files[name] = TensorFile(_diffusers_weights_file(root / sub, stem))
         mappings[name] = map_component(files[name].keys(), "", DIFFUSERS_RULES[name])
         shapes = {ours: files[name].shapes[key] for ours, key in mappings[name].items()}
-        parts[name] = classes[name][1].from_shapes(shapes)
         json_path = root / sub / "config.json"
-        if json_path.is_file():  # head counts are not visible in shapes: take them from diffusers' config
-            parts[name] = _heads_from_diffusers_config(parts[name], read_json(json_path))
+        hints = _head_hints(name, read_json(json_path)) if json_path.is_file() else {}
+        parts[name] = classes[name][1].from_shapes(shapes, **hints)
     kind = "sd-v1-inpainting" if parts["unet"].in_channels == 9 else "sd-v1"
     config = ModelConfig(**parts, kind=kind, name=root.name)
     networks = _build_networks(config, mappings, files, dtype)
@@ -549,14 +550,14 @@ def _load_diffusers_folder(root: Path, dtype) -> LoadedModel:
                        tokenizer_path=tokenizer if (tokenizer / "merges.txt").is_file() else None)
 
 
-def _heads_from_diffusers_config(part, diffusers_config: dict):
-    from dataclasses import replace
-    if "num_attention_heads" in diffusers_config and hasattr(part, "n_heads") and "hidden_size" in diffusers_config:
-        return replace(part, n_heads=diffusers_config["num_attention_heads"])  # CLIP text config
-    heads = diffusers_config.get("attention_head_dim")  # UNet: historically misnamed, it holds the head COUNT in SD v1
-    if heads is not None and hasattr(part, "n_heads"):
-        return replace(part, n_heads=heads[0] if isinstance(heads, list) else heads)
-    return part
+def _head_hints(network: str, diffusers_config: dict) -> dict:
+    """Head counts leave no trace in weight shapes; a diffusers folder's config.json states them."""
+    if network == "text_encoder" and "num_attention_heads" in diffusers_config:
+        return {"head_dim": diffusers_config["hidden_size"] // diffusers_config["num_attention_heads"]}
+    heads = diffusers_config.get("attention_head_dim")  # UNet: misnamed in diffusers, it holds SD v1's head COUNT
+    if network == "unet" and heads is not None:
+        return {"n_heads": heads[0] if isinstance(heads, list) else heads}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

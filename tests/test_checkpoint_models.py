@@ -194,3 +194,21 @@ def test_inspect_reports_the_file(tiny, capsys):
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "kind:       sd-v1" in out and "every tensor accounted for" in out and "config (metadata)" in out
+
+
+@pytest.mark.slow
+def test_full_size_fp16_file_with_ema_and_buffers_loads_strictly(tmp_path):
+    from synthetic_checkpoint import synthetic_state
+    state = synthetic_state(dtype=torch.float16, ema=True, buffers=True)
+    save_file(state, tmp_path / "sd-v1-full-ema-fp16.safetensors")
+    path = tmp_path / "sd-v1-full-ema-fp16.safetensors"
+    live = load_models(path, dtype=torch.float32)
+    assert live.config.kind == "sd-v1" and next(live.unet.parameters()).dtype == torch.float32
+    from ldm_scratch.checkpoint import UNET_RULES, rename
+    key = "model.diffusion_model.output_blocks.11.1.proj_out.weight"
+    ours = rename(key[len("model.diffusion_model."):], UNET_RULES)
+    assert torch.equal(live.unet.state_dict()[ours], state[key].float())
+    del live
+    ema = load_models(path, use_ema=True)  # file dtype kept: fp16
+    assert next(ema.unet.parameters()).dtype == torch.float16
+    assert torch.equal(ema.unet.state_dict()[ours], state[ema_key(key)])

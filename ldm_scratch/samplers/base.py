@@ -1,0 +1,225 @@
+"""What every sampler shares: the model-function convention, timestep spacing, Karras σ's, the denoiser wrapper,
+img2img / inpainting entry points and the per-step hooks.
+
+Model function (what the pipeline passes in; the UNet with classifier-free guidance folded in):
+
+    eps_model(x_t, t) -> ε̂        x_t `[B, C, h, w]` in DDPM scaling, x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
+                                  t   a 0-dim float32 tensor on x_t's device (one timestep for the whole batch;
+                                      fractional for σ-samplers; broadcast it to `[B]` yourself if you need to)
+
+Two families of samplers:
+- DDPM-family (ddpm, ddim, plms, pndm) keep their state x_t in DDPM scaling and call the model at integer t.
+- σ-samplers (euler, euler_a, heun, lms, dpmpp_2m) keep x_σ = x_0 + σ ε (Karras et al. 2022, eq. 1's σ-scaling)
+  and see the network through `Denoiser`: x_t = x_σ / √(σ²+1), t = t(σ). That is exactly what diffusers'
+  `scale_model_input` and its timesteps amount to, so the UNet sees identical inputs.
+
+Sampler.sample(eps_model, noise, steps, ...) returns the final state: x_0 for σ-samplers, and for the DDPM family
+the state at the last level, which with SD v1.5's `set_alpha_to_one=False` is ᾱ_0 = 0.99915, not 1 — as diffusers.
+
+img2img: with `x0` and `strength`, only the last `min(int(steps × strength), steps)` of the `steps` steps run,
+starting from x0 noised (with `noise`) to the first of them — diffusers' `get_timesteps` + `add_noise`.
+Inpainting by mask blending: `after_step(i, x) -> x` runs after step i, and `noise_to_level(x0, noise, i)` gives x0
+noised to the level diffusers' inpaint pipeline blends with after step i (x0 itself after the last step).
+
+Random numbers: ancestral samplers draw one `torch.randn` of the state's shape and dtype per step, after that
+step's model call, on the generator's device (the CPU for a default `torch.Generator()`), then move it to the
+state's device — the order and device diffusers' `randn_tensor` uses, so a seed gives the same image everywhere.
+"""
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion import Schedule
+
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+def check_spacing(timestep_spacing: str) -> str:
+    if timestep_spacing not in SPACINGS:
+        raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+    return timestep_spacing
+
+
+def spaced_timesteps(steps: int, spacing: str, steps_offset: int, n_train: int = 1000) -> np.ndarray:
+    """The `steps` timesteps a sampler visits, descending, float64, as in Table 2 of Lin et al. 2024
+    ("Common diffusion noise schedules and sample steps are flawed") and diffusers:
+        leading:  0, k, 2k, … (k = T // steps), + steps_offset      (SD v1.5: offset 1 → 1, 21, …, 981 for 50 steps)
+        linspace: linspace(0, T−1, steps)                           (fractional; the DDPM family rounds them)
+        trailing: round(T, T − T/steps, …) − 1                      (always starts at T−1 = 999)
+    """
+    check_spacing(spacing)
+    if not 1 <= steps <= n_train:
+        raise ValueError(f"steps must be between 1 and {n_train}, got {steps}")
+    if spacing == "leading":
+        return (np.arange(steps) * (n_train // steps)).round()[::-1].astype(np.float64) + steps_offset
+    if spacing == "linspace":
+        return np.linspace(0, n_train - 1, steps)[::-1].copy()
+    return np.round(np.arange(n_train, 0, -n_train / steps)).astype(np.float64) - 1
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. (5): σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, ρ = 7.
+    Spends more steps at small σ, where the image's detail is decided."""
+    ramp = np.linspace(0, 1, steps)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def steps_to_run(steps: int, strength: float, img2img: bool) -> int:
+    """Index of the first step that runs: 0 for txt2img; for img2img steps − min(int(steps·strength), steps)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not img2img:
+        return 0
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    n_run = min(int(steps * strength), steps)
+    if n_run == 0:
+        raise ValueError(f"strength {strength} × steps {steps} rounds down to 0 steps; raise steps or strength")
+    return steps - n_run
+
+
+def draw_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One N(0, I) draw shaped like `like`, on the generator's device, then moved (see module docstring).
+    A list of generators (one per batch row) draws row i from generator i, as diffusers' `randn_tensor`."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}; pass one per row")
+        return torch.cat([draw_noise(like[i:i + 1], g) for i, g in enumerate(generator)])
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def as_model_t(t: float, x: torch.Tensor) -> torch.Tensor:
+    """The timestep as the model receives it: a 0-dim float32 tensor (diffusers' σ-schedulers keep t in float32)."""
+    return torch.tensor(float(t), dtype=torch.float32, device=x.device)
+
+
+class Denoiser:
+    """k-diffusion's denoiser (Karras et al. 2022, Table 1, "VP" column): turns the ε-model into
+    D(x_σ, σ) = x̂₀ = x_σ − σ ε̂(x_σ / √(σ²+1), t(σ)).
+
+    `t` defaults to `schedule.sigma_to_t(σ)`; samplers pass the timestep their schedule pairs with σ, since
+    diffusers does not always use t(σ) (on a linspace grid it keeps the grid's t and interpolates σ linearly).
+    """
+
+    def __init__(self, eps_model, schedule: Schedule):
+        self.eps_model, self.schedule = eps_model, schedule
+
+    def eps(self, x: torch.Tensor, sigma: float, t: float | None = None) -> torch.Tensor:
+        if t is None:
+            t = float(self.schedule.sigma_to_t(sigma))
+        return self.eps_model(x / (sigma**2 + 1) ** 0.5, as_model_t(t, x))  # x_t = x_σ / √(σ²+1) = √ᾱ x_σ
+
+    def __call__(self, x: torch.Tensor, sigma: float, t: float | None = None) -> torch.Tensor:
+        return x - sigma * self.eps(x, sigma, t)  # x̂₀ = x_σ − σ ε̂
+
+
+class Sampler:
+    """Base class: argument checks, the img2img start, hooks. Subclasses implement `_run` and `_noised`.
+
+    `_run(eps_model, noise, steps, start, x0, generator, step_done)` runs the steps from index `start`, sets
+    `self._levels` (one noise level per step that runs: what diffusers' add_noise would use for that step) and
+    calls `x = step_done(i, t, x0_pred, x)` after each step.
+    """
+
+    def __init__(self, schedule: Schedule | None = None):
+        self.schedule = schedule if schedule is not None else Schedule()
+        self._levels: list[float] | None = None
+
+    def sample(self, eps_model, noise: torch.Tensor, steps: int, *, generator=None,
+               callback=None, x0: torch.Tensor | None = None, strength: float = 1.0, after_step=None,
+               progress: bool = False) -> torch.Tensor:
+        """Run the sampler; returns the final latents `[B, C, h, w]` (see module docstring).
+
+        noise: ε ~ N(0, I), `[B, C, h, w]`; scaled by the sampler (txt2img) or used to noise `x0` (img2img).
+        generator: a torch.Generator, a list of B of them (row i's noise from generator i), or None (global RNG);
+            only ancestral samplers (ddpm, ddim with η > 0, euler_a) draw from it.
+        callback(i, t, x0_pred): after each step, with the step's x̂₀ in x_0 scaling.
+        after_step(i, x) -> x: after each step, on the state (for mask-blend inpainting).
+        """
+        if x0 is not None and x0.shape != noise.shape:
+            raise ValueError(f"x0 has shape {tuple(x0.shape)} but noise has {tuple(noise.shape)}; they must match")
+        start = steps_to_run(steps, strength, img2img=x0 is not None)
+        bar = tqdm(total=steps - start, disable=not progress, desc=type(self).__name__)
+
+        def step_done(i, t, x0_pred, x):
+            if callback is not None:
+                callback(i, t, x0_pred)
+            if after_step is not None:
+                x = after_step(i, x)
+            bar.update()
+            return x
+
+        try:
+            return self._run(eps_model, noise, steps, start, x0, generator, step_done)
+        finally:
+            bar.close()
+
+    def noise_to_level(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """x0 noised to the level the state is at after step i of the current/last run, in the sampler's own scaling
+        (diffusers' inpaint: add_noise(x0, noise, timesteps[i+1]); x0 itself after the last step)."""
+        if self._levels is None:
+            raise RuntimeError("noise_to_level needs the step plan: call it from after_step, during sample()")
+        if not 0 <= i < len(self._levels):
+            raise ValueError(f"step index {i} out of range: this run has {len(self._levels)} steps")
+        return x0 if i + 1 == len(self._levels) else self._noised(x0, noise, self._levels[i + 1])
+
+    def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
+        raise NotImplementedError
+
+    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AlphaBarSampler(Sampler):
+    """DDPM-family base: state in DDPM scaling, levels are ᾱ values, x_t = √ᾱ x_0 + √(1−ᾱ) ε."""
+
+    def _noised(self, x0, noise, alpha_bar):
+        return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise  # x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε  (eq 4.1)
+
+    def _alpha_bar(self, t: int, final: float) -> float:
+        """ᾱ_t, or `final` for t < 0 (the level after the last step)."""
+        return float(self.schedule.alpha_bar[t]) if t >= 0 else final
+
+
+class SigmaSampler(Sampler):
+    """σ-sampler base: state x_σ = x_0 + σ ε, the σ/t plan shared by Euler, Euler-a, Heun and LMS.
+
+    Defaults follow diffusers' `from_config(<SD v1.5 config>)` for these schedulers: timestep_spacing "linspace"
+    (their own default; the SD v1.5 config does not set it), steps_offset 1 (only used by "leading"),
+    use_karras_sigmas False.
+    """
+
+    def __init__(self, schedule: Schedule | None = None, *, timestep_spacing: str = "linspace", steps_offset: int = 1,
+                 karras: bool = False):
+        super().__init__(schedule)
+        self.timestep_spacing, self.steps_offset, self.karras = check_spacing(timestep_spacing), steps_offset, karras
+
+    def sigmas_and_timesteps(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """σ_0 > … > σ_{N−1} > σ_N = 0 (`[N+1]`) and the timesteps the model sees at σ_0 … σ_{N−1} (`[N]`).
+
+        Without Karras: the spaced timesteps and σ interpolated linearly in t on them (diffusers' np.interp).
+        With Karras: eq. (5) between the σ's of the first and last spaced timestep, and t = sigma_to_t(σ).
+        """
+        t = spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps)
+        sigmas = self.schedule.t_to_sigma(t, interpolation="linear").numpy()
+        if self.karras:
+            sigmas = karras_sigmas(sigmas[-1], sigmas[0], steps)
+            t = self.schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy()
+        return np.append(sigmas, 0.0), t
+
+    def initial_scale(self, sigma_max: float) -> float:
+        """What txt2img multiplies ε by. The forward process at σ_max has std √(σ_max²+1) around x_0 ≈ 0 data, but
+        diffusers (following k-diffusion) uses σ_max for "linspace"/"trailing" and √(σ_max²+1) for "leading";
+        we do the same so the latents match."""
+        return (sigma_max**2 + 1) ** 0.5 if self.timestep_spacing == "leading" else sigma_max
+
+    def _noised(self, x0, noise, sigma):
+        return x0 + sigma * noise  # x_σ = x_0 + σ ε
+
+    def _start(self, noise, x0, sigma_start):
+        """Initial state: ε scaled for txt2img, or x0 noised to σ_start for img2img."""
+        if x0 is None:
+            return noise * self.initial_scale(sigma_start)
+        return self._noised(x0, noise, sigma_start)
