@@ -4,7 +4,6 @@
 
 Loading runs in a fresh process so its peak RSS (getrusage ru_maxrss) is the load's alone. Target: ≤ 1.3 × file.
 """
-import resource
 import subprocess
 import sys
 import time
@@ -27,10 +26,9 @@ def main() -> None:
         path = Path(sys.argv[1])
     else:
         path = Path("/tmp/ldm_scratch_synthetic_fp32.safetensors")
-        if not path.exists():
-            from synthetic_checkpoint import synthetic_state
-            from safetensors.torch import save_file
-            save_file(synthetic_state(), str(path))
+        if not path.exists():  # written by another process: a child inherits its parent's peak RSS on Linux
+            subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic_checkpoint.py"), str(path)],
+                           check=True)
     out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True)
     base, peak, weights, seconds = out.stdout.split()
     size = path.stat().st_size
