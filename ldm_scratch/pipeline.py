@@ -108,7 +108,7 @@ class StableDiffusion:
         return self
 
     # -- text ------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
         """Prompts → context [len(prompts), 77, D] (over-long prompts are cut, with the tokenizer's warning)."""
         ids = self.tokenizer(prompts).to(self.device)
@@ -153,7 +153,7 @@ class StableDiffusion:
         return torch.cat(rows)
 
     # -- latents ↔ images --------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_images(self, images: torch.Tensor, generators, batch: int) -> torch.Tensor:
         """images [K, 3, H, W] in [−1, 1] (K = 1 or `batch`) → scaled latents z = latent_scale · (μ + σ·n),
         [batch, 4, h, w]. One generator: one posterior draw over the K images, then repeated to the batch;
@@ -169,7 +169,7 @@ class StableDiffusion:
             raise NonFiniteOutputError("the VAE encoder gave NaN/inf even in float32: check the checkpoint")
         return self.latent_scale * z.float()  # z = latent_scale · E(x): unit variance for the diffusion process
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] → images [B, 3, 8h, 8w] in [−1, 1] (not clamped), float32."""
         x = self._vae_call(self.vae.decode, latents / self.latent_scale, "decode")  # undo the scale: z / latent_scale
@@ -218,7 +218,7 @@ class StableDiffusion:
             return classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)  # eq 4.4
         return eps_model
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run(self, *, prompts, negative_prompts, num_images, steps, guidance_scale, sampler, generators, noise,
              x0=None, strength=1.0, after_step=None, extra=None, output_type, callback, progress, clip_skip):
         """Encode the prompts, run the sampler, check and decode. Returns what output_type asks for."""
@@ -561,5 +561,8 @@ def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None
     tokenizer_path = loaded.tokenizer_path
     if isinstance(tokenizer, (str, Path, tuple, list)):
         tokenizer_path, tokenizer = tokenizer, None
-    return StableDiffusion(loaded.text_encoder.to(device), loaded.unet.to(device), loaded.vae.to(device),
-                           loaded.config, tokenizer=tokenizer, tokenizer_path=tokenizer_path, device=device)
+    # channels_last stores activations as [B, h, w, C]: 10–18 % faster convolutions on CPU (scripts/benchmark.py)
+    # and the SpatialTransformer's [B, C, h, w] → [B, h·w, C] token view becomes free. Same numbers, other layout.
+    unet, vae = (m.to(device, memory_format=torch.channels_last) for m in (loaded.unet, loaded.vae))
+    return StableDiffusion(loaded.text_encoder.to(device), unet, vae, loaded.config, tokenizer=tokenizer,
+                           tokenizer_path=tokenizer_path, device=device)

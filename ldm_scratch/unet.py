@@ -105,6 +105,13 @@ class UNetConfig:
         )
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout x is stored in. `unet.to(memory_format=torch.channels_last)` makes every activation [B, C, h, w]
+    live as [B, h, w, C] in memory (faster convolutions and GroupNorms on CPU, measured in scripts/benchmark.py);
+    the forward keeps whichever layout it is given instead of converting back and forth."""
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Timestep embedding
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,10 +168,13 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(F.silu(emb))[:, :, None, None]        # [B, C_out] broadcast over h × w
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        # The in-place ops (silu_, +=, add_) write into tensors this block has just created and nobody else holds:
+        # the same numbers as the out-of-place forms, without a fresh full-size buffer for each (speed and memory
+        # on CPU). GroupNorm's output is never needed again, so SiLU may overwrite it.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h += self.time_proj(F.silu(emb))[:, :, None, None]           # [B, C_out] broadcast over h × w
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.skip(x))                                  # skip(x) + h
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,7 +214,7 @@ class GEGLUFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.geglu(x).chunk(2, dim=-1)
-        return self.out(a * F.gelu(gate))
+        return self.out(F.gelu(gate).mul_(a))                        # a ⊙ GELU(g), into GELU's fresh output
 
 
 class TransformerBlock(nn.Module):
@@ -226,9 +236,10 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLUFeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x))
-        x = x + self.cross_attn(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # residuals added into each sublayer's fresh output (x + f(x) = f(x) + x exactly; one buffer fewer)
+        x = self.self_attn(self.norm1(x)).add_(x)
+        x = self.cross_attn(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -251,12 +262,13 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
+        # every pixel becomes a token; a free view when x is channels_last (already stored as [B, h, w, C])
         h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.blocks:
             h = block(h, context)
-        # back to [B, C, h, w]; contiguous so that proj_out and the residual run in the ordinary memory layout
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous()
-        return x + self.proj_out(h)
+        # back to [B, C, h, w], stored in x's memory layout so that proj_out and the residual need no conversion
+        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous(memory_format=memory_format(x))
+        return self.proj_out(h).add_(x)                              # x + proj_out(h)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,4 +408,4 @@ class UNet(nn.Module):
         h = self.middle(h, emb, context)
         for level in reversed(self.up):
             h = level(h, emb, context, skips)
-        return self.output_conv(F.silu(self.output_norm(h)))
+        return self.output_conv(F.silu(self.output_norm(h), inplace=True))

@@ -111,7 +111,7 @@ class ResBlock(nn.Module):
         # its input, not its output), so this saves one full-size allocation per activation at 512².
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
         h = self.conv2(F.silu(self.norm2(h), inplace=True))  # (CompVis' dropout sits here; p = 0 in SD v1)
-        return self.skip(x) + h
+        return h.add_(self.skip(x))                          # skip(x) + h, into conv2's fresh output
 
 
 class SelfAttention(nn.Module):
@@ -138,7 +138,7 @@ class SelfAttention(nn.Module):
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
         out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), n_heads=1)  # softmax(QKᵀ/√C)·V
         out = rearrange(self.to_out(out), "b (h w) c -> b c h w", h=height, w=width)
-        return x + out
+        return out.add_(x)                                   # x + out, into to_out's fresh output
 
 
 class MidBlock(nn.Module):
@@ -264,6 +264,31 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of tiles of length `tile` covering 0…size with at least `overlap` shared between neighbours; the
+    last tile is moved back to end at `size` (so every tile has full length)."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, band: int, fade_start: bool, fade_end: bool, like: torch.Tensor) -> torch.Tensor:
+    """A 1-D blending weight [length]: 1, with a linear ramp over the first/last `band` pixels when that side
+    meets a neighbouring tile. The ramp runs from 1/(band+1) up to band/(band+1): never 0, so every pixel keeps
+    some weight even where the last tile overlaps its neighbour by more than `band`."""
+    ramp = torch.ones(length, dtype=like.dtype, device=like.device)
+    band = min(band, length // 2)
+    if band > 0:
+        up = torch.arange(1, band + 1, dtype=like.dtype, device=like.device) / (band + 1)
+        if fade_start:
+            ramp[:band] = up
+        if fade_end:
+            ramp[length - band:] = up.flip(0)
+    return ramp
+
+
 class DiagonalGaussian:
     """The encoder's posterior q(z | x) = N(mean, diag(σ²)), one independent Gaussian per latent number.
 
@@ -319,9 +344,46 @@ class VAE(nn.Module):
         """x [B, 3, H, W] in [−1, 1], H and W multiples of 8 → posterior q(z|x) over z [B, 4, H/8, W/8]."""
         return DiagonalGaussian(self.posterior_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, 4, h, w] (unscaled latents) → x̂ [B, 3, 8h, 8w], roughly in [−1, 1]; not clamped."""
+    def decode(self, z: torch.Tensor, tile: int | None = None, overlap: int = 8) -> torch.Tensor:
+        """z [B, 4, h, w] (unscaled latents) → x̂ [B, 3, 8h, 8w], roughly in [−1, 1]; not clamped.
+
+        `tile` (latent pixels, optional): decode tile × tile pieces of z that overlap by `overlap` latent pixels and
+        blend them (`decode_tiled`). Peak memory then follows the tile, not the image, at the price of a small
+        difference from the plain decode (the decoder's GroupNorms and its attention see one tile at a time).
+        """
+        if tile is not None and (tile < z.shape[-2] or tile < z.shape[-1]):
+            return self.decode_tiled(z, tile, overlap)
         return self.decoder(self.latent_conv(z))
+
+    def decode_tiled(self, z: torch.Tensor, tile: int, overlap: int = 8) -> torch.Tensor:
+        """Decode z [B, 4, h, w] in overlapping tiles of tile × tile latent pixels and blend them:
+
+            x̂ = Σ_k m_k ⊙ D(z_k) / Σ_k m_k
+
+        where z_k is the k-th tile (placed at its offset) and m_k its blending mask: 1 inside, falling linearly to
+        0 across the `overlap` band on every side that has a neighbouring tile, so that seams fade rather than cut.
+        A single tile covering z gives exactly decode(z).
+        """
+        if not 0 <= overlap < tile:
+            raise ValueError(f"decode_tiled: need 0 ≤ overlap < tile, got overlap={overlap}, tile={tile} "
+                             "(latent pixels; e.g. tile=32, overlap=8 for 256-pixel tiles)")
+        f = self.config.downsample_factor                                  # 8 image pixels per latent pixel
+        height, width = z.shape[-2:]
+        rows, cols = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
+        out = weight = None
+        for top in rows:
+            for left in cols:
+                piece = self.decoder(self.latent_conv(z[:, :, top:top + tile, left:left + tile]))
+                mask = (_ramp(piece.shape[-2], f * overlap, top > 0, top + tile < height, piece)[:, None]
+                        * _ramp(piece.shape[-1], f * overlap, left > 0, left + tile < width, piece)[None, :])
+                if out is None:
+                    out = piece.new_zeros(*piece.shape[:2], f * height, f * width)
+                    weight = piece.new_zeros(f * height, f * width)
+                window = (slice(f * top, f * top + piece.shape[-2]), slice(f * left, f * left + piece.shape[-1]))
+                out[..., window[0], window[1]] += piece * mask                # Σ m_k ⊙ D(z_k)
+                weight[window] += mask                                        # Σ m_k  (> 0 everywhere)
+                del piece                                                     # free the tile before the next
+        return out / weight
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstruction x̂ = decode(z), z ~ q(z|x)."""

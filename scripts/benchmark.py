@@ -1,0 +1,397 @@
+"""Side-by-side benchmark of ldm_scratch against diffusers/transformers on identical full-size SD v1.5 weights.
+
+    python scripts/benchmark.py [--repeats 3] [--warmup 1] [--only unet,vae,text,txt2img,memory]
+                                [--steps 4] [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--json results.json]
+
+Random weights in the official single-file layout (scripts/synthetic_checkpoint.py; written once to
+/tmp/ldm_scratch_synthetic_fp32.safetensors) are loaded into ours (`load_models`) and into diffusers
+(`UNet2DConditionModel` / `AutoencoderKL.from_single_file` with the CompVis v1-inference.yaml, offline) and
+transformers (`CLIPTextModel`). Speed rows run in ONE process, interleaved (ours, theirs, ours, theirs, …) after
+`--warmup` untimed calls each, under torch.inference_mode with the same thread count, and report medians:
+
+    unet     one UNet step with classifier-free guidance: x [2, 4, 64, 64], t [2], context [2, 77, 768]
+    vae      VAE decode of a 512² image: z [1, 4, 64, 64] → [1, 3, 512, 512]
+    text     CLIP text encoder on ids [2, 77]
+    txt2img  a whole 512² txt2img (tokenize, encode, `--steps` DDIM steps with CFG, decode); diffusers'
+             StableDiffusionPipeline built from the same components (safety_checker=None)
+    memory   load + one txt2img in a fresh process per library (so ru_maxrss is that work's peak RSS alone);
+             also gives the load time. diffusers is measured twice: loading the same single file (its
+             from_single_file path) and loading the same weights saved in its own folder layout (from_pretrained,
+             written once beside the file). Runs `--memory-repeats` times, alternating. (diffusers' folder
+             load memory-maps its files, so its "load time" defers reading the weights to their first use.)
+
+Also reports the UNet step's FLOPs (counted once with torch.utils.flop_counter on the meta device), the achieved
+GFLOP/s of each library, and the machine's matmul peak (best time of a large matmul in the benchmark's dtype).
+
+By default ours runs in the layout it is fastest in on CPU (`channels_last` for the UNet and the VAE: see the
+README's results section); `--no-channels-last` runs it in PyTorch's default layout and `--diffusers-channels-last`
+gives diffusers the same treatment. Absolute times drift with the machine's load; compare ratios from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+DEFAULT_FILE = Path(tempfile.gettempdir()) / "ldm_scratch_synthetic_fp32.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ROWS = ("unet", "vae", "text", "txt2img", "memory")
+PROMPT, NEGATIVE = "a watercolor painting of a fox in the snow", "blurry"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The weights and the two sets of models
+# ---------------------------------------------------------------------------------------------------------------
+
+def synthetic_file(path: Path) -> Path:
+    """The random full-size SD v1.5 file in the official layout (written once, ≈ 4.3 GB in fp32)."""
+    if not path.exists():
+        from safetensors.torch import save_file
+        from synthetic_checkpoint import synthetic_state
+        print(f"writing {path} (random SD v1.5 weights, official layout) …", flush=True)
+        save_file(synthetic_state(), str(path))
+    return path
+
+
+def original_config() -> dict:
+    import yaml
+    return yaml.safe_load((ROOT / "ldm_scratch" / "keys" / "v1-inference.yaml").read_text())
+
+
+def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool):
+    from ldm_scratch.checkpoint import load_models
+    from ldm_scratch.pipeline import StableDiffusion
+    from ldm_scratch.tokenizer import load_tokenizer
+    models = load_models(path, dtype=dtype)
+    text_encoder, unet, vae = (m.eval().to(device) for m in (models.text_encoder, models.unet, models.vae))
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    return StableDiffusion(text_encoder, unet, vae, models.config, tokenizer=load_tokenizer(), device=device)
+
+
+def hf_tokenizer_files(folder: Path) -> Path:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, written from the same vocabulary ours uses
+    (no download: the vocabulary is bundled or cached by ldm_scratch.tokenizer)."""
+    from ldm_scratch.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                       encoding="utf-8")
+    return folder
+
+
+def load_theirs(path: Path, dtype: torch.dtype, device: str, channels_last: bool):
+    """diffusers' StableDiffusionPipeline assembled offline from the same file: UNet and VAE converted by diffusers'
+    single-file code, the text encoder a transformers CLIPTextModel holding the file's CLIP tensors."""
+    import diffusers
+    import transformers
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    config = original_config()
+    unet = diffusers.UNet2DConditionModel.from_single_file(state, original_config=config, torch_dtype=dtype)
+    vae = diffusers.AutoencoderKL.from_single_file(state, original_config=config, torch_dtype=dtype)
+    prefix = "cond_stage_model.transformer."
+    clip_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    del state
+    if not any(k.startswith("text_model.") for k in clip_state):
+        clip_state = {"text_model." + k: v for k, v in clip_state.items()}
+    hf_config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            max_position_embeddings=77, hidden_act="quick_gelu")
+    text_encoder = transformers.CLIPTextModel(hf_config).eval()
+    inner = "text_model." if any(k.startswith("text_model.") for k in text_encoder.state_dict()) else ""
+    clip_state = {inner + k.removeprefix("text_model."): v for k, v in clip_state.items()}
+    missing, unexpected = text_encoder.load_state_dict(clip_state, strict=False)
+    if [k for k in missing + unexpected if not k.endswith("position_ids")]:
+        raise RuntimeError(f"CLIP weights do not fit transformers' CLIPTextModel: {missing[:3]} {unexpected[:3]}")
+    text_encoder = text_encoder.to(dtype)
+    tokenizer = transformers.CLIPTokenizer(*(str(hf_tokenizer_files(Path(tempfile.mkdtemp())) / name)
+                                             for name in ("vocab.json", "merges.txt")), model_max_length=77)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is timed
+# ---------------------------------------------------------------------------------------------------------------
+
+def inputs(dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(2, 4, 64, 64, generator=g).to(device, dtype),
+            "t": torch.tensor([500.0, 500.0], device=device),
+            "context": torch.randn(2, 77, 768, generator=g).to(device, dtype),
+            "z": torch.randn(1, 4, 64, 64, generator=g).to(device, dtype),
+            "ids": torch.randint(0, 49406, (2, 77), generator=g).to(device)}
+
+
+def workloads(ours, theirs, data: dict, steps: int) -> dict[str, tuple]:
+    """row → (ours(), theirs()): the same computation in each library."""
+    x, t, context, z, ids = (data[k] for k in ("x", "t", "context", "z", "ids"))
+    return {
+        "unet": (lambda: ours.unet(x, t, context),
+                 lambda: theirs.unet(x, t, encoder_hidden_states=context).sample),
+        "vae": (lambda: ours.vae.decode(z),
+                lambda: theirs.vae.decode(z).sample),
+        "text": (lambda: ours.text_encoder(ids),
+                 lambda: theirs.text_encoder(ids).last_hidden_state),
+        "txt2img": (lambda: ours.txt2img(PROMPT, NEGATIVE, steps=steps, sampler="ddim", seed=0, output_type="np",
+                                         progress=False),
+                    lambda: theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                                   generator=torch.Generator().manual_seed(0), output_type="np").images),
+    }
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(pair: tuple, warmup: int, repeats: int, device: str) -> tuple[list[float], list[float]]:
+    """Seconds per call for ours and theirs, alternating so that drifts in machine load hit both alike."""
+    times = ([], [])
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for run in pair:
+                run()
+        for _ in range(repeats):
+            for run, record in zip(pair, times):
+                synchronize(device)
+                start = time.perf_counter()
+                run()
+                synchronize(device)
+                record.append(time.perf_counter() - start)
+    return times
+
+
+def unet_flops(dtype: torch.dtype) -> int:
+    """FLOPs of one CFG UNet step (batch 2, 64×64), counted on the meta device: no memory, no compute."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from ldm_scratch.unet import UNet
+    with torch.device("meta"):
+        unet = UNet().to(dtype)
+        x, context = torch.empty(2, 4, 64, 64, dtype=dtype), torch.empty(2, 77, 768, dtype=dtype)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            unet(x, torch.full((2,), 500.0), context)
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 4096, repeats: int = 5) -> float:
+    """The machine's practical peak in GFLOP/s: the best of `repeats` n×n matmuls (2n³ FLOPs each)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    with torch.inference_mode():
+        a @ b
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Peak memory: one fresh process per measurement
+# ---------------------------------------------------------------------------------------------------------------
+
+def diffusers_folder(path: Path) -> Path:
+    """The same weights saved once in diffusers' folder layout (what most diffusers users load), beside the file."""
+    folder = path.with_suffix(".diffusers")
+    if not (folder / "model_index.json").exists():
+        print(f"writing {folder} (diffusers folder layout of the same weights) …", flush=True)
+        load_theirs(path, torch.float32, "cpu", False).save_pretrained(folder)
+    return folder
+
+
+def load_theirs_from_folder(folder: Path, dtype: torch.dtype, device: str, channels_last: bool):
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                             requires_safety_checker=False, local_files_only=True)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def memory_child(args) -> None:
+    """Run in a subprocess: load one library's models, run one txt2img, print a JSON line."""
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    nothing = {k: None for k in ("x", "t", "context", "z", "ids")}
+    if args.memory_child == "ours":
+        pipe = load_ours(args.checkpoint, dtype, args.device, not args.no_channels_last)
+        load_s = time.perf_counter() - start
+        run = workloads(pipe, None, nothing, args.steps)["txt2img"][0]
+    else:
+        if args.memory_child == "diffusers":
+            pipe = load_theirs(args.checkpoint, dtype, args.device, args.diffusers_channels_last)
+        else:
+            pipe = load_theirs_from_folder(diffusers_folder(args.checkpoint), dtype, args.device,
+                                           args.diffusers_channels_last)
+        load_s = time.perf_counter() - start
+        run = workloads(None, pipe, nothing, args.steps)["txt2img"][1]
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    with torch.inference_mode():
+        run()
+    print(json.dumps({"load_s": load_s, "txt2img_s": time.perf_counter() - start, "peak_after_load": after_load,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def measure_memory(args) -> dict[str, list[dict]]:
+    diffusers_folder(args.checkpoint)   # written once, before anything is measured
+    results = {"ours": [], "diffusers": [], "diffusers-folder": []}
+    forwarded = ["--checkpoint", str(args.checkpoint), "--dtype", args.dtype, "--device", args.device,
+                 "--steps", str(args.steps), "--threads", str(torch.get_num_threads())]
+    forwarded += ["--no-channels-last"] * args.no_channels_last
+    forwarded += ["--diffusers-channels-last"] * args.diffusers_channels_last
+    for _ in range(args.memory_repeats):
+        for which in results:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", which] + forwarded,
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"the {which} memory run failed:\n{out.stderr[-3000:]}")
+            results[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  memory {which}: {results[which][-1]}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_FILE,
+                   help="an SD v1 single file (default: random weights written once to %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per library and row (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per library and row first")
+    p.add_argument("--only", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps of the txt2img row")
+    p.add_argument("--memory-repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's choice)")
+    p.add_argument("--no-channels-last", action="store_true", help="run ours in PyTorch's default layout")
+    p.add_argument("--diffusers-channels-last", action="store_true", help="run diffusers' UNet/VAE channels_last")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--memory-child", choices=["ours", "diffusers", "diffusers-folder"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.only = [r.strip() for r in args.only.split(",") if r.strip()]
+    unknown = set(args.only) - set(ROWS)
+    if unknown:
+        p.error(f"--only: unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
+    import diffusers
+    import transformers
+    dtype = DTYPES[args.dtype]
+    args.checkpoint = synthetic_file(args.checkpoint)
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                          "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                          "load_average_start": os.getloadavg()},
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                           if k != "memory_child"},
+              "rows": {}}
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.device}, {args.dtype}, load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    speed_rows = [r for r in args.only if r != "memory"]
+    if speed_rows:
+        start = time.perf_counter()
+        ours = load_ours(args.checkpoint, dtype, args.device, not args.no_channels_last)
+        print(f"loaded ours in {time.perf_counter() - start:.1f} s", flush=True)
+        start = time.perf_counter()
+        theirs = load_theirs(args.checkpoint, dtype, args.device, args.diffusers_channels_last)
+        print(f"loaded diffusers in {time.perf_counter() - start:.1f} s", flush=True)
+        runs = workloads(ours, theirs, inputs(dtype, args.device), args.steps)
+        for row in speed_rows:
+            mine, reference = interleaved(runs[row], args.warmup, args.repeats, args.device)
+            report["rows"][row] = {"ours_s": statistics.median(mine), "diffusers_s": statistics.median(reference),
+                                   "ours_all": mine, "diffusers_all": reference}
+            r = report["rows"][row]
+            print(f"  {row}: ours {r['ours_s']:.3f} s, diffusers {r['diffusers_s']:.3f} s "
+                  f"({r['ours_s'] / r['diffusers_s']:.3f}×)", flush=True)
+        del ours, theirs, runs
+        if "unet" in speed_rows:
+            flops = unet_flops(dtype)
+            peak = matmul_peak(dtype, args.device)
+            unet = report["rows"]["unet"]
+            report["flops"] = {"unet_step_tflop": flops / 1e12, "matmul_peak_gflops": peak,
+                               "ours_gflops": flops / unet["ours_s"] / 1e9,
+                               "diffusers_gflops": flops / unet["diffusers_s"] / 1e9}
+    if "memory" in args.only:
+        mem = measure_memory(args)
+        for which in mem:
+            report.setdefault("memory", {})[which] = {
+                "peak_rss_gib": statistics.median(m["peak_rss"] for m in mem[which]) / 2 ** 30,
+                "load_s": statistics.median(m["load_s"] for m in mem[which]), "runs": mem[which]}
+    report["machine"]["load_average_end"] = os.getloadavg()
+    print_table(report, args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+
+
+def print_table(report: dict, args) -> None:
+    labels = {"unet": "UNet step, CFG [2,4,64,64]", "vae": "VAE decode 512²", "text": "text encode [2,77]",
+              "txt2img": f"txt2img 512², {args.steps} DDIM steps"}
+    print(f"\n{'':42} {'ours':>10} {'diffusers':>10} {'ours/diffusers':>15}")
+    for row, r in report["rows"].items():
+        print(f"{labels[row]:42} {r['ours_s']:9.3f}s {r['diffusers_s']:9.3f}s {r['ours_s'] / r['diffusers_s']:14.3f}×")
+    if "memory" in report:
+        m = report["memory"]
+        for theirs, how in (("diffusers", "same single file"), ("diffusers-folder", "diffusers folder")):
+            print(f"{'load time (' + how + ')':42} {m['ours']['load_s']:9.2f}s {m[theirs]['load_s']:9.2f}s "
+                  f"{m['ours']['load_s'] / m[theirs]['load_s']:14.3f}×")
+            print(f"{'peak RSS load+txt2img (' + how + ')':42} {m['ours']['peak_rss_gib']:7.2f}GiB "
+                  f"{m[theirs]['peak_rss_gib']:7.2f}GiB {m['ours']['peak_rss_gib'] / m[theirs]['peak_rss_gib']:14.3f}×")
+    if "flops" in report:
+        f = report["flops"]
+        print(f"\nUNet step: {f['unet_step_tflop']:.3f} TFLOP; ours {f['ours_gflops']:.0f} GFLOP/s, diffusers "
+              f"{f['diffusers_gflops']:.0f} GFLOP/s; matmul peak {f['matmul_peak_gflops']:.0f} GFLOP/s "
+              f"(ours at {100 * f['ours_gflops'] / f['matmul_peak_gflops']:.0f} % of it)")
+    la = report["machine"]
+    print(f"load average: start {la['load_average_start'][0]:.1f}, end {la['load_average_end'][0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
