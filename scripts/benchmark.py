@@ -14,7 +14,7 @@ transformers (`CLIPTextModel`). Speed rows run in ONE process, interleaved (ours
     text     CLIP text encoder on ids [2, 77]
     txt2img  a whole 512² txt2img (tokenize, encode, `--steps` DDIM steps with CFG, decode); diffusers'
              StableDiffusionPipeline built from the same components (safety_checker=None)
-    memory   load + one txt2img in a fresh process per library (so ru_maxrss is that work's peak RSS alone);
+    memory   load + one txt2img in a fresh process per library (so its peak RSS, VmHWM, is that work's alone);
              also gives the load time. diffusers is measured twice: loading the same single file (its
              from_single_file path) and loading the same weights saved in its own folder layout (from_pretrained,
              written once beside the file). Runs `--memory-repeats` times, alternating. (diffusers' folder
@@ -242,6 +242,16 @@ def load_theirs_from_folder(folder: Path, dtype: torch.dtype, device: str, chann
     return pipe
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes: VmHWM, which starts afresh at exec. (ru_maxrss does not on
+    Linux: a child started by a parent holding two full models would report the parent's peak.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: a child gets a clean count
+
+
 def memory_child(args) -> None:
     """Run in a subprocess: load one library's models, run one txt2img, print a JSON line."""
     dtype = DTYPES[args.dtype]
@@ -259,12 +269,12 @@ def memory_child(args) -> None:
                                            args.diffusers_channels_last)
         load_s = time.perf_counter() - start
         run = workloads(None, pipe, nothing, args.steps)["txt2img"][1]
-    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after_load = peak_rss()
     start = time.perf_counter()
     with torch.inference_mode():
         run()
     print(json.dumps({"load_s": load_s, "txt2img_s": time.perf_counter() - start, "peak_after_load": after_load,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": peak_rss()}))
 
 
 def measure_memory(args) -> dict[str, list[dict]]:

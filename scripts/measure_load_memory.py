@@ -2,7 +2,7 @@
 
     python scripts/measure_load_memory.py [FILE]     (default: writes a synthetic fp32 SD v1.5 file to /tmp)
 
-Loading runs in a fresh process so its peak RSS (getrusage ru_maxrss) is the load's alone. Target: ≤ 1.3 × file.
+Loading runs in a fresh process so its peak RSS (/proc/self/status VmHWM) is the load's alone. Target: ≤ 1.3 × file.
 """
 import subprocess
 import sys
@@ -10,14 +10,16 @@ import time
 from pathlib import Path
 
 CHILD = """
-import resource, sys, time, torch
+import sys, time, torch
 from ldm_scratch.checkpoint import load_models
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss():  # VmHWM: this process image's peak RSS in bytes (ru_maxrss would include the parent's on Linux)
+    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]) * 1024
+base = peak_rss()
 start = time.perf_counter()
 models = load_models(sys.argv[1], dtype=torch.float32)
 seconds = time.perf_counter() - start
 n = sum(p.numel() * p.element_size() for m in (models.text_encoder, models.unet, models.vae) for p in m.parameters())
-print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, n, seconds)
+print(base, peak_rss(), n, seconds)
 """
 
 
@@ -26,7 +28,7 @@ def main() -> None:
         path = Path(sys.argv[1])
     else:
         path = Path("/tmp/ldm_scratch_synthetic_fp32.safetensors")
-        if not path.exists():  # written by another process: a child inherits its parent's peak RSS on Linux
+        if not path.exists():
             subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic_checkpoint.py"), str(path)],
                            check=True)
     out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True)

@@ -7,13 +7,7 @@ import torch
 from ldm_scratch.diffusion import Schedule, classifier_free_guidance, eps_loss, posterior_coefficients
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core box: threads only contend (measured 27× slower). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from ldm_scratch.samplers import get_sampler
 
 diffusers = pytest.importorskip("diffusers", reason="needs the [reference] extra")
 # diffusers 0.42 + numpy 2 warn inside the schedulers (np.array on a tensor); not ours to fix
-pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 TOL = 1e-5
 SD15_CONFIG = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (a PNDMScheduler)
@@ -38,12 +39,6 @@ KARRAS = ("lms", "euler", "heun", "dpmpp_2m")  # the ones diffusers offers use_k
 SCHEDULE = Schedule()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def model(x_t, t):

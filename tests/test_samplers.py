@@ -12,13 +12,7 @@ from ldm_scratch.samplers.lms import lms_coefficients
 from sampler_convergence import MU, S, exact_ode, gaussian_eps_model, sde_limit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core box: threads only contend (measured 27× slower). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCHEDULE = Schedule()

@@ -215,6 +215,13 @@ class SigmaSampler(Sampler):
         we do the same so the latents match."""
         return (sigma_max**2 + 1) ** 0.5 if self.timestep_spacing == "leading" else sigma_max
 
+    def _plan(self, eps_model, noise, steps, start, x0):
+        """What every σ-sampler does first: the σ/t plan from step `start` on, the denoiser, the initial state."""
+        sigmas, ts = self.sigmas_and_timesteps(steps)
+        sigmas, ts = sigmas[start:], ts[start:]
+        self._levels = list(sigmas[:-1])
+        return sigmas, ts, Denoiser(eps_model, self.schedule), self._start(noise, x0, sigmas[0])
+
     def _noised(self, x0, noise, sigma):
         return x0 + sigma * noise  # x_σ = x_0 + σ ε
 

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from .base import Denoiser, SigmaSampler, karras_sigmas
+from .base import SigmaSampler, karras_sigmas
 
 
 class DPMSolverPP2M(SigmaSampler):
@@ -46,11 +46,7 @@ class DPMSolverPP2M(SigmaSampler):
         return (sigma_max**2 + 1) ** 0.5  # diffusers' DPM state starts at x_t = ε, and x_σ = √(σ²+1) x_t
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
-        sigmas, ts = self.sigmas_and_timesteps(steps)
-        sigmas, ts = sigmas[start:], ts[start:]
-        self._levels = list(sigmas[:-1])
-        denoise = Denoiser(eps_model, self.schedule)
-        x = self._start(noise, x0, sigmas[0])
+        sigmas, ts, denoise, x = self._plan(eps_model, noise, steps, start, x0)
         old_x0_pred, h_prev = None, None
         for i, t in enumerate(ts):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])

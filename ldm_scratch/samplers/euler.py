@@ -14,18 +14,14 @@ in σ. One noise draw per step, the last included (σ_up = 0 there), as diffuser
 Defaults = diffusers' Euler(Ancestral)DiscreteScheduler from the SD v1.5 config: spacing "linspace", no Karras.
 """
 
-from .base import Denoiser, SigmaSampler, draw_noise
+from .base import SigmaSampler, draw_noise
 
 
 class Euler(SigmaSampler):
     ancestral = False
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
-        sigmas, ts = self.sigmas_and_timesteps(steps)
-        sigmas, ts = sigmas[start:], ts[start:]
-        self._levels = list(sigmas[:-1])
-        denoise = Denoiser(eps_model, self.schedule)
-        x = self._start(noise, x0, sigmas[0])
+        sigmas, ts, denoise, x = self._plan(eps_model, noise, steps, start, x0)
         for i, t in enumerate(ts):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             x0_pred = denoise(x, sigma, t)

@@ -11,16 +11,12 @@ each evaluation as a step over an interleaved list [t_0, t_1, t_1, t_2, …]; th
 Defaults = diffusers' HeunDiscreteScheduler from the SD v1.5 config: spacing "linspace", no Karras.
 """
 
-from .base import Denoiser, SigmaSampler
+from .base import SigmaSampler
 
 
 class Heun(SigmaSampler):
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
-        sigmas, ts = self.sigmas_and_timesteps(steps)
-        sigmas, ts = sigmas[start:], ts[start:]
-        self._levels = list(sigmas[:-1])
-        denoise = Denoiser(eps_model, self.schedule)
-        x = self._start(noise, x0, sigmas[0])
+        sigmas, ts, denoise, x = self._plan(eps_model, noise, steps, start, x0)
         for i, t in enumerate(ts):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             x0_pred = denoise(x, sigma, t)
