@@ -80,21 +80,14 @@ class PLMS(AlphaBarSampler):
         return x
 
 
-class PNDM(AlphaBarSampler):
+class PNDM(PLMS):
     """diffusers' PNDMScheduler(skip_prk_steps=True): the same method, bookkept over the list [t_0, t_1, t_1, t_2, …]
     of steps + 1 entries (one model call and one callback each). Entry 0 takes an Euler step and remembers x_{t_0};
     entry 1 redoes that step from x_{t_0} with the averaged ε̂ (pseudo improved Euler); then Adams–Bashforth."""
 
-    def __init__(self, schedule: Schedule | None = None, *, timestep_spacing: str = "leading", steps_offset: int = 1,
-                 set_alpha_to_one: bool = False):
-        super().__init__(schedule)
-        self.timestep_spacing, self.steps_offset = check_spacing(timestep_spacing), steps_offset
-        self.final_alpha_bar = 1.0 if set_alpha_to_one else float(self.schedule.alpha_bar[0])
-
     def timesteps(self, steps: int) -> np.ndarray:
         """[t_0, t_1, t_1, t_2, …, t_{N−1}] (`[steps + 1]`; `[1]` for one step)."""
-        t = spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps)
-        t = t.round().astype(np.int64)
+        t = super().timesteps(steps)
         return np.concatenate([t[:1], t[1:2], t[1:]])
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
