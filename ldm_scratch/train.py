@@ -8,7 +8,7 @@ This is how the bundled `weights/tiny-shapes.safetensors` was made, with the ver
 
 Two stages, as in Rombach et al. 2022 (the seed's §4):
 
-Stage 1 — the KL autoencoder. x [B, 3, 64, 64] in [−1, 1] → q(z|x) = N(μ, σ²) over z [B, 4, 8, 8] → x̂ = D(z):
+Stage 1 — the KL autoencoder. x [B, 3, 64, 64] in [−1, 1] → q(z|x) = N(μ, σ²) over z [B, 4, 16, 16] → x̂ = D(z):
 
     L_vae = mean|x − x̂| + mean(x − x̂)²  +  kl_weight · KL(q(z|x) ‖ N(0, I)) / (3·H·W)
 
@@ -22,11 +22,14 @@ Stage 2 — the text encoder and the UNet, jointly, on latents of the frozen aut
     c = CLIP(tokens(caption)), caption replaced by "" with probability caption_dropout
     L = E ‖ε − ε_θ(z_t, t, c)‖²                                                       (eq 4.3, diffusion.eps_loss)
 
+ε also gets a small random constant per image and channel ("offset noise", `training_noise`): without it the
+network reads the overall colour off z_T, which at sampling time is noise (the docstring there says why).
+
 Dropping captions teaches the same network the unconditional ε_θ(z_t, t, ∅) with ∅ = CLIP("") — exactly the
 "negative prompt" SD feeds at sampling time — so classifier-free guidance (eq 4.4) works.
 
 Speed: the training images are rendered once (a fixed, seeded set), their latents' μ and σ computed once after
-stage 1, and each caption tokenised once; a step then costs one UNet + text-encoder forward/backward on [B, 4, 8, 8].
+stage 1, and each caption tokenised once; a step then costs one UNet + text-encoder forward/backward on [B, 4, 16, 16].
 
 Reproducibility: every random number (initial weights, batches, t, ε, dropout, posterior samples) comes from seeded
 generators whose states are saved in the checkpoint, so an interrupted run resumed from `ckpt.pt` continues exactly
@@ -81,12 +84,13 @@ class TrainConfig:
     vae_lr: float = 3e-3
     kl_weight: float = 1e-5
     # stage 2: text encoder + UNet
-    steps: int = 3_000
+    steps: int = 2_500
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     caption_dropout: float = 0.1    # p(caption → "") so the model also learns ε_θ(z_t, t, ∅) for CFG
+    offset_noise: float = 0.1       # std of a per-image, per-channel constant added to ε (see stage 2 below)
     grad_clip: float = 1.0
     # bookkeeping
     sample_every: int = 500         # sample grid every N steps of stage 2 (0: never)
@@ -172,6 +176,24 @@ def schedule_of(config: ModelConfig) -> Schedule:
     return Schedule(ScheduleConfig(config.num_train_timesteps, config.beta_start, config.beta_end))
 
 
+def training_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """The noise ε [B, C, h, w] that stage 2 adds to z_0 and asks the UNet to predict: ε ~ N(0, I), plus, with
+    offset > 0, "offset noise" (Guttenberg 2023): offset · δ with δ ~ N(0, 1) drawn per image and channel and
+    constant over the latent.
+
+    Why: the mean of a latent channel over h×w pixels is where an image's overall colour lives, and plain noise
+    hides it badly — its mean has std 1/√(h·w) only (1/16 for 16×16 latents). SD's schedule stops at ᾱ_T = 0.0047,
+    so at t = T the signal's share of that mean, √ᾱ_T·z̄_0 ≈ 0.07·z̄_0, is as large as the noise's: the network
+    learns to read the background colour from z_T itself. At sampling time z_T is pure noise, so the colour comes
+    from the noise instead of the caption. The offset raises the noise's share of every channel mean (to std
+    √(1/(h·w) + offset²)), so the network learns to take colour from the text.
+    """
+    eps = torch.randn(shape, generator=generator)
+    if offset:
+        eps = eps + offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    return eps
+
+
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to 0: lr = peak · ½(1 + cos(π·progress))."""
     if step < warmup:
@@ -231,7 +253,7 @@ def generate(text_encoder, unet, vae, tokenizer, config: ModelConfig, captions: 
 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, config.latent_channels, side, side, generator=generator).to(device)
-    z0 = get_sampler(sampler).sample(eps_model, noise, steps, generator=generator)
+    z0 = get_sampler(sampler, schedule=schedule_of(config)).sample(eps_model, noise, steps, generator=generator)
     x = vae.decode(z0 / config.latent_scale)                          # z = z_0 / latent_scale
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # pixel = (x + 1)·127.5
 
@@ -279,7 +301,8 @@ def load_checkpoint(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 
 # the fields that only stage 2 reads: `new_stage2` may change them while stage 2 has not begun
-STAGE2_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "caption_dropout", "sample_every")
+STAGE2_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "caption_dropout", "offset_noise",
+                 "sample_every")
 
 
 def train(cfg: TrainConfig, resume: bool = True, stop_at: int | None = None, new_stage2: bool = False) -> dict:
@@ -429,7 +452,7 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at: int | None = None, new
         noise_z = torch.randn(z_mean[index].shape, generator=generator)
         z0 = latent_scale * (z_mean[index] + z_std[index] * noise_z.to(device))   # z_0 = scale · z, z ~ q(z|x)
         t = torch.randint(schedule.n_train_steps, (per_rank,), generator=generator)
-        eps = torch.randn(z0.shape, generator=generator).to(device)              # ε ~ N(0, I)
+        eps = training_noise(z0.shape, cfg.offset_noise, generator).to(device)   # ε (+ offset · δ)
         z_t = schedule.q_sample(z0, t, eps)                                      # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
         drop = torch.rand(per_rank, generator=generator) < cfg.caption_dropout   # caption → "" (CFG)
         ids = torch.where(drop[:, None], empty_ids, input_ids[index]).to(device)

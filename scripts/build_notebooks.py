@@ -377,7 +377,8 @@ NB02 = [
 
     Stable Diffusion noises the **latent** $z_0 = s\cdot\mathcal E(x)$ ($s$ = the latent scale, 0.18215 for SD v1;
     see notebook 4). Shown: latent channel 0, and what the VAE decoder makes of each noisy latent. Fine detail
-    is gone in the latent long before the pixels look noisy: the latent is 8× smaller on each side.
+    is gone in the latent long before the pixels look noisy: the latent is 8× smaller on each side (4× for the
+    tiny model, whose 64² images have 16² latents).
     """),
     LOAD_MODEL,
     code("""
@@ -660,12 +661,11 @@ NB03 = [
     code("""
     from ldm_scratch.data import render
     from ldm_scratch.data.shapes import to_tensor
-    from ldm_scratch.diffusion import Schedule
 
     caption = "a red circle on a blue background"
     image = to_tensor(render("circle", "red", "blue", size=config.image_size))[None]
     z0 = vae.encode(image).mean * config.latent_scale
-    x_t = Schedule().q_sample(z0, 500, torch.randn_like(z0))
+    x_t = pipe.schedule.q_sample(z0, 500, torch.randn_like(z0))                # the model's own β schedule
     ids = tokenizer([caption])
 
     maps, hooks = record_cross_attention(unet)
@@ -752,8 +752,8 @@ NB04 = [
     md(r"""
     ## The four latent channels
 
-    The latent is still an image: each of its pixels summarises an 8×8 patch (for SD v1). Its channels are not
-    RGB, but they are spatial and smooth where the image is.
+    The latent is still an image: each of its pixels summarises an 8×8 patch (for SD v1; 4×4 for the tiny model).
+    Its channels are not RGB, but they are spatial and smooth where the image is.
     """),
     code("""
     z = posterior.mean
@@ -1011,8 +1011,8 @@ NB05 = [
     runs = {}
     for name in ["ddim", "euler", "dpmpp_2m", "lms"]:
         x0_preds = []
-        latent = get_sampler(name).sample(eps_model, start, steps,
-                                          callback=lambda i, t, x0_pred: x0_preds.append(x0_pred))
+        latent = get_sampler(name, schedule=pipe.schedule).sample(
+            eps_model, start, steps, callback=lambda i, t, x0_pred: x0_preds.append(x0_pred))
         runs[name] = (x0_preds, latent)
 
     show = [0, 1, 2, 4, 7, steps - 1]

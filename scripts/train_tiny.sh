@@ -15,4 +15,4 @@ end=$(date +%s)
 echo "training wall time: $((end - start)) s; load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 cp "$RUN_DIR/model.safetensors" weights/tiny-shapes.safetensors
 python3 -m ldm_scratch inspect weights/tiny-shapes.safetensors
-python3 scripts/eval_tiny.py weights/tiny-shapes.safetensors --json "$RUN_DIR/eval.json"
+python3 scripts/eval_tiny.py weights/tiny-shapes.safetensors --reconstruction 600 --json "$RUN_DIR/eval.json"

@@ -132,3 +132,42 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert loaded.config.image_size == 32 and loaded.config.latent_scale != 1.0
     history = load_checkpoint(out / "ckpt.pt")
     assert history["step"] == 20 and len(history["generators"]) == 2
+
+
+def test_training_grids_sample_with_the_models_own_schedule(trained, tmp_path):
+    """The periodic grids (train.generate) and the user's pipeline must sample the same model the same way, also when
+    the model's β schedule is not SD v1's (the bundled model's β_end differs): same seed → same pixels."""
+    import dataclasses
+
+    import ldm_scratch
+    from ldm_scratch.checkpoint import save_official
+
+    out, history = trained
+    loaded = load_models(history["model"])
+    config = dataclasses.replace(loaded.config, beta_end=0.03)
+    path = save_official(tmp_path / "noisier.safetensors", loaded.text_encoder, loaded.unet, loaded.vae, config)
+    pipe = ldm_scratch.load_pipeline(path)
+    caption = "a red circle on a blue background"
+    ours = generate(loaded.text_encoder, loaded.unet, loaded.vae, pipe.tokenizer, config, [caption], seed=3,
+                    guidance_scale=3.0, steps=5)
+    theirs = pipe.txt2img(caption, seed=3, guidance_scale=3.0, steps=5, output_type="np", progress=False)[0]
+    theirs = torch.from_numpy(theirs * 255).round().to(torch.uint8).permute(2, 0, 1)
+    assert (ours[0].int() - theirs.int()).abs().max() <= 1  # rounding of pixel values on either side
+    sd_schedule = generate(loaded.text_encoder, loaded.unet, loaded.vae, pipe.tokenizer, loaded.config, [caption],
+                           seed=3, guidance_scale=3.0, steps=5)
+    assert not torch.equal(ours, sd_schedule)  # the schedule really changes the samples
+
+
+def test_offset_noise_moves_only_the_channel_means():
+    """ε + offset·δ: the per-image, per-channel means get std √(1/(h·w) + offset²); the pixels around each mean keep
+    unit variance (δ is constant over the latent); offset 0 is plain N(0, I)."""
+    from ldm_scratch.train import training_noise
+
+    shape = (4000, 4, 16, 16)
+    plain = training_noise(shape, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    offset = training_noise(shape, 0.1, torch.Generator().manual_seed(0))
+    means = offset.mean(dim=(2, 3))
+    expected = (1 / 256 + 0.1**2) ** 0.5                       # 0.118, vs 1/16 = 0.0625 without the offset
+    assert abs(means.std().item() - expected) < 0.03 * expected  # 16,000 means: std of the estimate ≈ 0.6 %
+    assert abs((offset - means[..., None, None]).std().item() - (1 - 1 / 256) ** 0.5) < 0.01
