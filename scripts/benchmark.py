@@ -73,14 +73,17 @@ def original_config() -> dict:
 
 
 def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool):
+    """What a user gets from `load_pipeline` (channels_last); with channels_last=False the same networks left in
+    PyTorch's default layout."""
     from ldm_scratch.checkpoint import load_models
-    from ldm_scratch.pipeline import StableDiffusion
+    from ldm_scratch.pipeline import StableDiffusion, load_pipeline
     from ldm_scratch.tokenizer import load_tokenizer
+    if channels_last:
+        pipe = load_pipeline(path, dtype=dtype, device=device)
+        pipe.tokenizer  # loaded now (load_pipeline defers it to first use), as diffusers loads its tokenizer
+        return pipe
     models = load_models(path, dtype=dtype)
     text_encoder, unet, vae = (m.eval().to(device) for m in (models.text_encoder, models.unet, models.vae))
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
     return StableDiffusion(text_encoder, unet, vae, models.config, tokenizer=load_tokenizer(), device=device)
 
 
