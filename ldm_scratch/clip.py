@@ -147,14 +147,26 @@ class Block(nn.Module):
         return h
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    """A table of n learned vectors [n, dim], initialised N(0, 1) like nn.Embedding's own (the same random draws).
+
+    On the meta device, where the checkpoint loader builds the networks before filling them, there is nothing to
+    draw, so the draw is skipped: PyTorch would send it through its Python reference code, whose first use imports
+    torch._dynamo — 68 MiB of modules that then stay resident for the life of the process."""
+    weight = torch.empty(n, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(n, dim, _weight=weight)
+
+
 class CLIPTextModel(nn.Module):
     """CLIP's text transformer. forward(input_ids [B, N ≤ 77], clip_skip=None) → [B, N, 768] (see module docstring)."""
 
     def __init__(self, config: CLIPTextConfig | None = None):
         super().__init__()
         self.config = config = config or CLIPTextConfig()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)        # E_tok [V, C]
-        self.position_embedding = nn.Embedding(config.max_positions, config.width)  # E_pos [77, C]
+        self.token_embedding = _embedding(config.vocab_size, config.width)        # E_tok [V, C]
+        self.position_embedding = _embedding(config.max_positions, config.width)  # E_pos [77, C]
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
 

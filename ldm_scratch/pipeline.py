@@ -40,9 +40,7 @@ sampler's state stays float32 and is cast for each UNet call. A float16 VAE deco
 """
 from __future__ import annotations
 
-import ctypes
 import random
-import sys
 import warnings
 from pathlib import Path
 
@@ -53,6 +51,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import CheckpointError, load_models
 from .diffusion import Schedule, ScheduleConfig, classifier_free_guidance
+from .memory import release_freed_memory
 from .samplers import Sampler, get_sampler
 from .samplers.base import steps_to_run
 
@@ -174,7 +173,6 @@ class StableDiffusion:
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] → images [B, 3, 8h, 8w] in [−1, 1] (not clamped), float32."""
-        release_freed_memory()  # the UNet steps' freed activations, before the decoder's large ones
         x = self._vae_call(self.vae.decode, latents / self.latent_scale, "decode")  # undo the scale: z / latent_scale
         if not torch.isfinite(x).all():
             raise NonFiniteOutputError("the VAE decoder gave NaN/inf even in float32: the latents are broken "
@@ -570,21 +568,3 @@ def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None
     release_freed_memory()  # the weights' copies left behind by that conversion
     return StableDiffusion(loaded.text_encoder.to(device), unet, vae, loaded.config, tokenizer=tokenizer,
                            tokenizer_path=tokenizer_path, device=device)
-
-
-def release_freed_memory() -> None:
-    """Hand memory that has been freed back to the operating system (Linux with glibc; elsewhere nothing happens).
-
-    glibc's malloc serves blocks smaller than 32 MiB from its heap and keeps them when they are freed, for reuse;
-    the free space between blocks still in use is not returned on its own. At full size, converting the weights to
-    channels_last (a copy of each) and the UNet steps (activations of 10–40 MiB) each leave ≈ 100 MiB of such
-    space resident but unused. malloc_trim(0) returns it, in milliseconds; called after loading and before the VAE
-    decoder, it lowered the peak of a full-size 512² txt2img from 5042–5105 MiB to 4967–4973 MiB (two runs each,
-    scripts/measure_load_memory.py --txt2img).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # a C library without malloc_trim (e.g. musl)
-        pass

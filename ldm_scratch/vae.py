@@ -46,6 +46,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
+from .memory import release_freed_memory
 
 
 @dataclass
@@ -348,7 +349,9 @@ def _conv3x3_in_bands(conv: nn.Conv2d, input_rows, out: torch.Tensor, rows: int,
     for r0 in range(0, height, rows):
         r1 = min(r0 + rows, height)
         a, b = max(r0 - 1, 0), min(r1 + 1, height)                # the input rows it reads, inside the image
-        band = F.pad(input_rows(a, b), (0, 0, a - (r0 - 1), r1 + 1 - b))  # + zero rows at the top/bottom edge
+        band = input_rows(a, b)
+        if (a, b) != (r0 - 1, r1 + 1):                           # at the top/bottom edge: + the conv's zero rows
+            band = F.pad(band, (0, 0, a - (r0 - 1), r1 + 1 - b))
         result = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))   # [B, C_out, r1 − r0, W]
         if residual is not None:
             result += residual(r0, r1)
@@ -407,6 +410,8 @@ class Decoder(nn.Module):
         # h → 2h → 4h → 8h, as one flat loop over the blocks: a loop `h = level(h)` would keep each level's input
         # alive until the whole level had run (at 512², the last upsample's 256 MiB output beside everything after it)
         for block in [block for level in reversed(self.levels) for block in level.blocks()]:
+            if _rows_per_band(h) is not None:
+                release_freed_memory()  # the previous blocks' freed bands, before this block's allocations
             h = block(h)
         rows = _rows_per_band(h)
         if rows is None:

@@ -170,6 +170,19 @@ def test_nan_in_a_file_is_an_error_and_nothing_is_returned(tiny, tmp_path):
         load_models(_rewrite(path, tmp_path, poison))
 
 
+@pytest.mark.parametrize("where", [0, 4, 7, 8, 20])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_reads_every_chunk(where, bad):
+    """The finiteness check reads the tensor in chunks (a small temporary instead of a tensor-sized one): a bad
+    value anywhere is found, on either side of a chunk boundary, in any dtype."""
+    from ldm_scratch.checkpoint import _all_finite
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = torch.randn(3, 7).to(dtype)
+        assert _all_finite(t, chunk=4)
+        t.view(-1)[where] = bad
+        assert not _all_finite(t, chunk=4)
+
+
 def test_sd2_and_sdxl_files_are_named_and_refused(tmp_path):
     v2 = {"cond_stage_model.model.positional_embedding": torch.zeros(77, 8),
           "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}

@@ -6,6 +6,10 @@ and into transformers by its own names.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -255,3 +259,27 @@ def test_parity_with_transformers_full_size(tmp_path):
     """SD v1 size (123M params), including AUTOMATIC1111's "Clip skip 2" (= clip_skip=1)."""
     check_parity(tmp_path, CLIPTextConfig(), prompt_ids([0, 3, 40, 76]), clip_skips=[1, 2, 11],
                  fp32_tolerance=FP32_TOLERANCE, fp64_tolerance=FP64_TOLERANCE)
+
+
+def test_embeddings_draw_like_nn_embedding_and_skip_the_draw_on_the_meta_device():
+    """The embedding tables start as nn.Embedding's do (N(0, 1), the same draws from the same seed). Built on the
+    meta device, as the checkpoint loader builds them, nothing is drawn: PyTorch's meta-device normal_ imports
+    torch._dynamo (68 MiB resident for good), so the process that loads a checkpoint must not reach it."""
+    config = CLIPTextConfig(vocab_size=50, width=16, n_layers=1, n_heads=2, mlp_width=32, max_positions=7)
+    torch.manual_seed(3)
+    ours = CLIPTextModel(config)
+    torch.manual_seed(3)
+    reference = [torch.nn.Embedding(50, 16).weight, torch.nn.Embedding(7, 16).weight]
+    assert torch.equal(ours.token_embedding.weight, reference[0])
+    assert torch.equal(ours.position_embedding.weight, reference[1])
+    assert ours.token_embedding.weight.requires_grad
+    child = ("import sys, torch\n"
+             "from ldm_scratch.clip import CLIPTextModel\n"
+             "with torch.device('meta'):\n"
+             "    model = CLIPTextModel()\n"
+             "assert model.token_embedding.weight.is_meta\n"
+             "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"

@@ -246,6 +246,21 @@ def test_bands_are_for_inference_only(tiny_vae, monkeypatch):
     assert not called and z.grad is not None and z.grad.abs().sum() > 0
 
 
+def test_decoder_returns_freed_memory_before_each_banded_block(tiny_vae, monkeypatch):
+    """At inference the decoder hands freed memory back to the OS before each block that runs in bands (the blocks
+    after the mid block: 3 levels × (3 ResBlocks + upsample) + 3 ResBlocks here), and not while training."""
+    monkeypatch.setattr(vae_module, "BAND_ROWS", 3)
+    calls = []
+    monkeypatch.setattr(vae_module, "release_freed_memory", lambda: calls.append(1))
+    z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tiny_vae.decode(z)
+    assert len(calls) == 15
+    calls.clear()
+    tiny_vae.decode(z)
+    assert not calls
+
+
 PEAK_CHILD = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
