@@ -283,10 +283,11 @@ PEAK_CHILD = textwrap.dedent("""
 @pytest.mark.slow
 def test_banded_full_size_decode_peaks_lower():
     """The full-size SD v1 decoder at 512² (random weights, channels_last, one thread), in a fresh process each:
-    the peak memory of the decode itself. Measured (3 runs each): plain 686–710 MiB, banded 485–496 MiB — the
+    the peak memory of the decode itself. Measured: plain 686–710 MiB (4 runs), banded 434–456 MiB (3 runs) — the
     upsample's output [1, 256, 512, 512] and the next ResBlock's conv1 output [1, 128, 512, 512] side by side
-    (384 MiB), plus band-sized temporaries and freed memory the C allocator keeps. The bound 590 sits between the two
-    with a margin of ≈ 95 MiB on each side. ~30 s per decode, hence slow; Linux only (it reads /proc)."""
+    (384 MiB), plus band-sized temporaries (485–496 MiB before the decoder handed freed memory back to the OS
+    between its blocks). The bound 590 sits ≈ 100 MiB below plain and ≈ 135 MiB above banded.
+    ~30 s per decode, hence slow; Linux only (it reads /proc)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs")
     root = Path(__file__).resolve().parents[1]
