@@ -222,8 +222,9 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 class TensorFile:
     """Lazy view of the tensors of one file: shapes are known without reading data; `get` reads one tensor.
 
-    `.safetensors` is parsed here (header, then one tensor at a time with plain reads; no pickle). `.ckpt`/`.pt`/`.bin` are torch pickles and are
-    only opened with `torch.load(weights_only=True)`, which refuses arbitrary Python objects.
+    `.safetensors` is parsed here: the header, then one tensor at a time with plain reads (no pickle, no memory map).
+    `.ckpt`/`.pt`/`.bin` are torch pickles and are only opened with `torch.load(weights_only=True)`, which refuses
+    arbitrary Python objects.
     """
 
     def __init__(self, path: str | os.PathLike):

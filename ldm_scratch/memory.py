@@ -11,6 +11,7 @@ txt2img (at the decoder's first full-resolution ResBlock) from 5017 to 4912 MiB.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 
@@ -19,9 +20,17 @@ def release_freed_memory() -> None:
 
     Called by the pipeline after loading (the weights' channels_last conversion leaves their old copies' space
     behind) and by the VAE decoder before each of its large blocks at inference."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once; None without one (not Linux, or another C library such as musl)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # a C library without malloc_trim (e.g. musl)
-        pass
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
