@@ -9,7 +9,8 @@ The forward process adds Gaussian noise in T = 1000 small steps:
 so x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε with ε ~ N(0, I). The network ε_θ(x_t, t) is trained to predict that ε
 (eq 4.3: L = E‖ε − ε_θ(x_t, t)‖²) and the reverse process p_θ(x_{t-1}|x_t) (eq 4.2) is built from its prediction
 by the samplers in `ldm_scratch/samplers/`. Classifier-free guidance (eq 4.4) mixes a conditional and an
-unconditional prediction.
+unconditional prediction. The conversions between x_t, x̂₀, ε, v and σ are small functions below (`x0_from_eps`,
+`eps_from_x0`, `v_from_x0_eps`, …), written once and used by Schedule's methods and by every sampler.
 
 The seed's own code listing (`diffuse` / `denoise`) swaps the two coefficients (it writes √(1-ᾱ) x_0 + √ᾱ ε);
 this file follows the equations, and `tests/test_diffusion.py` checks that it does.
@@ -55,6 +56,63 @@ def _broadcast(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape + (1,) * (x.dim() - values.dim()))
 
 
+# -- x_t ↔ x̂₀ ↔ ε ↔ v ↔ σ: every conversion, written once ---------------------------------------------------------
+# `alpha_bar` (ᾱ_t) is a Python float or a tensor that broadcasts against `[B, C, h, w]` (`[B, 1, 1, 1]`, or a
+# scalar). The arithmetic happens in what is given: a float keeps the coefficients in float64 (the samplers), a tensor
+# in its own dtype (Schedule's methods cast ᾱ to x's dtype first). The operation order is the one the samplers had
+# when their parity with diffusers was measured, so moving them here changed no bit (`x ** 0.5` ≡ `x.sqrt()`).
+
+def xt_from_x0_eps(x0, eps, alpha_bar):
+    """The forward process with a given noise (eq 4.1)."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps  # x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
+
+
+def x0_from_eps(x_t, eps, alpha_bar):
+    """Eq 4.1 solved for x_0: what the ε̂ a network predicts says about the clean latent."""
+    return (x_t - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+
+
+def eps_from_x0(x_t, x0, alpha_bar):
+    """Eq 4.1 solved for ε."""
+    return (x_t - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5  # ε = (x_t − √ᾱ_t x̂₀) / √(1−ᾱ_t)
+
+
+def v_from_x0_eps(x0, eps, alpha_bar):
+    """The velocity (Salimans & Ho 2022, §4; SD v2's v-prediction target): the rate of change of x_t along the
+    circle x_t = cos φ x_0 + sin φ ε, with cos φ = √ᾱ_t."""
+    return alpha_bar**0.5 * eps - (1 - alpha_bar) ** 0.5 * x0  # v = √ᾱ_t ε − √(1−ᾱ_t) x_0
+
+
+def x0_from_v(x_t, v, alpha_bar):
+    """x_0 from a v-prediction (substitute x_t and v: the cross terms cancel since ᾱ + (1−ᾱ) = 1)."""
+    return alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * v  # x̂₀ = √ᾱ_t x_t − √(1−ᾱ_t) v
+
+
+def eps_from_v(x_t, v, alpha_bar):
+    """ε from a v-prediction."""
+    return (1 - alpha_bar) ** 0.5 * x_t + alpha_bar**0.5 * v  # ε̂ = √(1−ᾱ_t) x_t + √ᾱ_t v
+
+
+def sigma_from_alpha_bar(alpha_bar):
+    """The noise-to-signal ratio of x_t: σ-scaling x_σ = x_t / √ᾱ_t = x_0 + σ ε (Karras et al. 2022)."""
+    return ((1 - alpha_bar) / alpha_bar) ** 0.5  # σ_t = √((1−ᾱ_t)/ᾱ_t)
+
+
+def alpha_bar_from_sigma(sigma):
+    """The inverse of sigma_from_alpha_bar."""
+    return 1 / (1 + sigma**2)  # ᾱ = 1 / (1 + σ²)
+
+
+def x0_from_eps_sigma(x, eps, sigma):
+    """x̂₀ in σ-scaling, where x_σ = x_0 + σ ε (k-diffusion's denoiser output)."""
+    return x - sigma * eps  # x̂₀ = x_σ − σ ε̂
+
+
+def eps_from_x0_sigma(x, x0, sigma):
+    """ε in σ-scaling; it is also the probability-flow ODE's slope dx_σ/dσ (Karras et al. 2022, eq. 3)."""
+    return (x - x0) / sigma  # ε̂ = (x_σ − x̂₀) / σ  = dx/dσ
+
+
 class Schedule:
     """β_t, α_t, ᾱ_t and σ_t for t = 0 … T-1 (0-based, as in the checkpoints and diffusers), plus the forward process.
 
@@ -69,7 +127,7 @@ class Schedule:
         self.betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
         self.alphas = 1.0 - self.betas  # α_t = 1 − β_t
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)  # ᾱ_t = ∏_{s≤t} α_s   (eq 4.1)
-        self.sigmas = ((1.0 - self.alpha_bar) / self.alpha_bar) ** 0.5  # σ_t = √((1−ᾱ_t)/ᾱ_t)
+        self.sigmas = sigma_from_alpha_bar(self.alpha_bar)  # σ_t = √((1−ᾱ_t)/ᾱ_t)
         self.log_sigmas = self.sigmas.log()  # increasing in t: what sigma_to_t interpolates
 
     @property
@@ -82,8 +140,7 @@ class Schedule:
     # -- forward process -------------------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) with the given noise: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε  (eq 4.1)."""
-        alpha_bar = self._alpha_bar_at(t, x0)
-        return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * eps  # x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
+        return xt_from_x0_eps(x0, eps, self._alpha_bar_at(t, x0))
 
     def q_mean_variance(self, x0: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean `[B, C, h, w]` and variance `[B, 1, 1, 1]` of q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)."""
@@ -101,31 +158,26 @@ class Schedule:
         coef_x0, coef_xt, variance = posterior_coefficients(alpha_bar_t, _broadcast(alpha_bar_prev, x0))
         return coef_x0 * x0 + coef_xt * x_t, variance
 
-    # -- ε ↔ x̂₀ ↔ v ------------------------------------------------------------------------------------------------
+    # -- ε ↔ x̂₀ ↔ v at timestep t (the equations are the functions above) -------------------------------------------
     def eps_to_x0(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
         """x̂₀ = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t  (eq 4.1 solved for x_0)."""
-        alpha_bar = self._alpha_bar_at(t, x_t)
-        return (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return x0_from_eps(x_t, eps, self._alpha_bar_at(t, x_t))
 
     def x0_to_eps(self, x_t: torch.Tensor, t, x0: torch.Tensor) -> torch.Tensor:
         """ε = (x_t − √ᾱ_t x_0) / √(1−ᾱ_t)  (eq 4.1 solved for ε)."""
-        alpha_bar = self._alpha_bar_at(t, x_t)
-        return (x_t - alpha_bar.sqrt() * x0) / (1.0 - alpha_bar).sqrt()
+        return eps_from_x0(x_t, x0, self._alpha_bar_at(t, x_t))
 
     def v_from_x0_eps(self, x0: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
         """Velocity target (Salimans & Ho 2022, §4): v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (used by SD v2-style models)."""
-        alpha_bar = self._alpha_bar_at(t, x0)
-        return alpha_bar.sqrt() * eps - (1.0 - alpha_bar).sqrt() * x0
+        return v_from_x0_eps(x0, eps, self._alpha_bar_at(t, x0))
 
     def v_to_x0(self, x_t: torch.Tensor, t, v: torch.Tensor) -> torch.Tensor:
         """x̂₀ = √ᾱ_t x_t − √(1−ᾱ_t) v."""
-        alpha_bar = self._alpha_bar_at(t, x_t)
-        return alpha_bar.sqrt() * x_t - (1.0 - alpha_bar).sqrt() * v
+        return x0_from_v(x_t, v, self._alpha_bar_at(t, x_t))
 
     def v_to_eps(self, x_t: torch.Tensor, t, v: torch.Tensor) -> torch.Tensor:
         """ε̂ = √(1−ᾱ_t) x_t + √ᾱ_t v."""
-        alpha_bar = self._alpha_bar_at(t, x_t)
-        return (1.0 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
+        return eps_from_v(x_t, v, self._alpha_bar_at(t, x_t))
 
     # -- σ ↔ t -----------------------------------------------------------------------------------------------------
     def sigma_to_t(self, sigma) -> torch.Tensor:

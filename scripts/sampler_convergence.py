@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ldm_scratch.diffusion import Schedule
+from ldm_scratch.diffusion import Schedule, alpha_bar_from_sigma, sigma_from_alpha_bar
 from ldm_scratch.samplers import get_sampler
 from ldm_scratch.samplers.base import AlphaBarSampler
 
@@ -38,7 +38,7 @@ def gaussian_eps_model(schedule: Schedule, mu: float = MU, s: float = S):
 
     def eps_model(x_t, t):
         sigma = float(schedule.t_to_sigma(t.double()))
-        alpha_bar = 1 / (1 + sigma**2)  # σ² = (1−ᾱ)/ᾱ
+        alpha_bar = alpha_bar_from_sigma(sigma)  # ᾱ = 1 / (1 + σ²)
         return (1 - alpha_bar) ** 0.5 * (x_t - alpha_bar**0.5 * mu) / (alpha_bar * s**2 + 1 - alpha_bar)
 
     return eps_model
@@ -52,7 +52,7 @@ def start_and_end(sampler, steps: int):
         sigma_T = float(sched.sigmas[t0])
         c = (sigma_T**2 + 1) ** 0.5  # x_t = ε in DDPM scaling is x_σ = √(σ²+1) ε
         final = getattr(sampler, "final_alpha_bar", 1.0)
-        return sigma_T, c, ((1 - final) / final) ** 0.5, final**0.5
+        return sigma_T, c, sigma_from_alpha_bar(final), final**0.5
     sigmas, _ = sampler.sigmas_and_timesteps(steps)
     return float(sigmas[0]), sampler.initial_scale(float(sigmas[0])), 0.0, 1.0
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_scratch.diffusion import Schedule, classifier_free_guidance, eps_loss, posterior_coefficients
+from ldm_scratch.diffusion import (Schedule, alpha_bar_from_sigma, classifier_free_guidance, eps_from_v, eps_from_x0,
+                                   eps_from_x0_sigma, eps_loss, posterior_coefficients, sigma_from_alpha_bar,
+                                   v_from_x0_eps, x0_from_eps, x0_from_eps_sigma, x0_from_v, xt_from_x0_eps)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +85,109 @@ def test_eps_x0_v_round_trips(schedule):
     v = schedule.v_from_x0_eps(x0, t, eps)
     torch.testing.assert_close(schedule.v_to_x0(x_t, t, v), x0)
     torch.testing.assert_close(schedule.v_to_eps(x_t, t, v), eps)
+
+
+# -- the conversion functions (written once in diffusion.py, used by Schedule and every sampler) ----------------------
+
+@pytest.fixture(scope="module")
+def draws(schedule):
+    """x_0, ε `[1000, 4, 8, 8]` float64 and ᾱ_t `[1000, 1, 1, 1]`: one sample at each of the 1000 training timesteps."""
+    g = torch.Generator().manual_seed(5)
+    x0, eps = (torch.randn(1000, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    return x0, eps, schedule.alpha_bar.reshape(1000, 1, 1, 1)
+
+
+def by_hand(value):
+    """For the hand-worked numbers: a few float64 roundings (0.36 and √0.36 are not exact binary fractions)."""
+    return pytest.approx(value, rel=1e-14, abs=1e-15)
+
+
+def test_each_conversion_equation_worked_by_hand():
+    """ᾱ = 0.36 gives √ᾱ = 0.6, √(1−ᾱ) = 0.8 and σ = 0.8/0.6 = 4/3, so every equation can be checked with pencil
+    numbers. Take x_0 = 1, ε = 2. A swapped coefficient (the seed listing's mistake) changes every line; a round trip
+    alone would not catch it if the inverse were swapped too."""
+    ab = 0.36
+    assert xt_from_x0_eps(1.0, 2.0, ab) == by_hand(2.2)  # x_t = 0.6·1 + 0.8·2
+    assert x0_from_eps(2.2, 2.0, ab) == by_hand(1.0)  # x̂₀ = (2.2 − 0.8·2) / 0.6
+    assert eps_from_x0(2.2, 1.0, ab) == by_hand(2.0)  # ε = (2.2 − 0.6·1) / 0.8
+    assert v_from_x0_eps(1.0, 2.0, ab) == by_hand(0.4)  # v = 0.6·2 − 0.8·1
+    assert x0_from_v(2.2, 0.4, ab) == by_hand(1.0)  # x̂₀ = 0.6·2.2 − 0.8·0.4 = 1.32 − 0.32
+    assert eps_from_v(2.2, 0.4, ab) == by_hand(2.0)  # ε = 0.8·2.2 + 0.6·0.4 = 1.76 + 0.24
+    assert sigma_from_alpha_bar(ab) == by_hand(4 / 3) and alpha_bar_from_sigma(4 / 3) == by_hand(ab)
+    # σ-scaling: x_σ = x_t / √ᾱ = 2.2 / 0.6 = 11/3, and x_0 + σ ε = 1 + (4/3)·2 = 11/3 too
+    assert x0_from_eps_sigma(11 / 3, 2.0, 4 / 3) == by_hand(1.0)  # x̂₀ = x_σ − σ ε̂
+    assert eps_from_x0_sigma(11 / 3, 1.0, 4 / 3) == by_hand(2.0)  # ε = (x_σ − x̂₀) / σ
+
+
+# Float64 round trips lose only rounding: |x| ≤ ~5 for these draws, × 2.2e-16, × up to 15 where the noisiest level is
+# undone (1/√ᾱ_999 ≈ 14.6, σ_999 ≈ 14.6) ≈ 2e-14. Measured worst over all 1000 timesteps: 1.4e-14. Bound 1e-13.
+ROUND_TRIP = {"rtol": 0.0, "atol": 1e-13}
+
+
+def test_conversions_round_trip_at_every_timestep(draws):
+    x0, eps, ab = draws
+    x_t = xt_from_x0_eps(x0, eps, ab)
+    torch.testing.assert_close(x0_from_eps(x_t, eps, ab), x0, **ROUND_TRIP)
+    torch.testing.assert_close(eps_from_x0(x_t, x0, ab), eps, **ROUND_TRIP)
+    v = v_from_x0_eps(x0, eps, ab)
+    torch.testing.assert_close(x0_from_v(x_t, v, ab), x0, **ROUND_TRIP)
+    torch.testing.assert_close(eps_from_v(x_t, v, ab), eps, **ROUND_TRIP)
+    sigma = sigma_from_alpha_bar(ab)
+    torch.testing.assert_close(alpha_bar_from_sigma(sigma), ab, **ROUND_TRIP)
+    x_sigma = x_t / ab**0.5  # the σ-scaling of the same point: x_σ = x_t / √ᾱ = x_0 + σ ε
+    torch.testing.assert_close(x_sigma, x0 + sigma * eps, **ROUND_TRIP)
+    torch.testing.assert_close(x0_from_eps_sigma(x_sigma, eps, sigma), x0, **ROUND_TRIP)
+    torch.testing.assert_close(eps_from_x0_sigma(x_sigma, x0, sigma), eps, **ROUND_TRIP)
+
+
+def test_v_is_the_velocity_along_the_circle(draws):
+    """v_from_x0_eps's docstring: v = dx_t/dφ for x_t = cos φ x_0 + sin φ ε with cos φ = √ᾱ_t. Central differences
+    with h = 1e-5: truncation ≈ h²/6·|x| ≈ 1e-10 and rounding ≈ 2.2e-16·|x|/h ≈ 1e-10; measured max error 1.1e-10."""
+    x0, eps, ab = draws
+    phi, h = torch.arccos(ab**0.5), 1e-5
+
+    def x_at(angle):
+        return torch.cos(angle) * x0 + torch.sin(angle) * eps
+
+    torch.testing.assert_close(xt_from_x0_eps(x0, eps, ab), x_at(phi), **ROUND_TRIP)
+    velocity = (x_at(phi + h) - x_at(phi - h)) / (2 * h)
+    torch.testing.assert_close(v_from_x0_eps(x0, eps, ab), velocity, rtol=0.0, atol=1e-9)
+
+
+def test_eps_in_sigma_scaling_is_the_probability_flow_slope():
+    """eps_from_x0_sigma's docstring: with the exact denoiser, (x − D(x, σ))/σ is dx/dσ along the probability-flow
+    ODE. For data N(μ, s²) both are closed form (scripts/sampler_convergence.py): D(x, σ) = μ + s²/(s²+σ²) (x − μ),
+    and the ODE's paths are x(σ) = μ + c √(s²+σ²)."""
+    mu, s, h = 0.5, 1.0, 1e-4
+    c = torch.linspace(-3, 3, 13, dtype=torch.float64)  # one path per c
+
+    def x_at(sigma):
+        return mu + c * (s**2 + sigma**2) ** 0.5
+
+    for sigma in (0.03, 1.0, 14.6):
+        x = x_at(sigma)
+        slope = (x_at(sigma + h) - x_at(sigma - h)) / (2 * h)
+        # central differences: truncation h²/6·|c|·|d³√(1+σ²)/dσ³|, at most 1e-8/6 · 3 · 0.53 = 2.7e-9 of these σ's
+        # (at σ = 1; measured 2.65e-9), rounding 2.2e-16·|x|/h ≈ 1e-10 at σ = 14.6; bound 1e-8
+        torch.testing.assert_close(eps_from_x0_sigma(x, mu + s**2 / (s**2 + sigma**2) * (x - mu), sigma), slope,
+                                   rtol=0.0, atol=1e-8)
+
+
+def test_schedule_methods_are_the_functions_at_alpha_bar_t(schedule, draws):
+    """The same arithmetic whether ᾱ comes as Schedule's `[B, 1, 1, 1]` tensor or as a Python float (the samplers):
+    bit for bit, so there is one conversion, not two that merely agree."""
+    t = [0, 500, 999]
+    x0, eps = draws[0][:3], draws[1][:3]
+    x_t, v = schedule.q_sample(x0, torch.tensor(t), eps), schedule.v_from_x0_eps(x0, torch.tensor(t), eps)
+    for i, t_i in enumerate(t):
+        ab, one = float(schedule.alpha_bar[t_i]), slice(i, i + 1)
+        assert torch.equal(x_t[one], xt_from_x0_eps(x0[one], eps[one], ab))
+        assert torch.equal(schedule.eps_to_x0(x_t[one], t_i, eps[one]), x0_from_eps(x_t[one], eps[one], ab))
+        assert torch.equal(schedule.x0_to_eps(x_t[one], t_i, x0[one]), eps_from_x0(x_t[one], x0[one], ab))
+        assert torch.equal(v[one], v_from_x0_eps(x0[one], eps[one], ab))
+        assert torch.equal(schedule.v_to_x0(x_t[one], t_i, v[one]), x0_from_v(x_t[one], v[one], ab))
+        assert torch.equal(schedule.v_to_eps(x_t[one], t_i, v[one]), eps_from_v(x_t[one], v[one], ab))
+    assert torch.equal(schedule.sigmas, sigma_from_alpha_bar(schedule.alpha_bar))
 
 
 def test_sigma_t_round_trips(schedule):

@@ -13,7 +13,7 @@ previous timestep, or σ_max instead of √(σ_max²+1) for the start, moves the
 import pytest
 import torch
 
-from ldm_scratch.diffusion import Schedule
+from ldm_scratch.diffusion import Schedule, alpha_bar_from_sigma
 from ldm_scratch.samplers import get_sampler
 
 diffusers = pytest.importorskip("diffusers", reason="needs the [reference] extra")
@@ -44,7 +44,7 @@ SCHEDULE = Schedule()
 def model(x_t, t):
     """Not the Gaussian optimum on purpose: a t-dependent nonlinearity, so fractional t and the input scaling count."""
     sigma = float(SCHEDULE.t_to_sigma(torch.as_tensor(t, dtype=torch.float64)))
-    alpha_bar = 1 / (1 + sigma**2)
+    alpha_bar = alpha_bar_from_sigma(sigma)
     return (1 - alpha_bar) ** 0.5 * (x_t - 0.3 * alpha_bar**0.5) + 0.05 * torch.sin(x_t * float(t) / 500)
 
 
@@ -152,6 +152,21 @@ def test_mask_blend_inpaint_trajectory(name):
     spacing = get_sampler(name).timestep_spacing
     theirs = run_reference(name, noise, 20, 1, spacing, False, mask=mask, image=x0)
     assert relative_difference(run_ours(name, noise, 20, 1, spacing, False, mask=mask, image=x0), theirs) < TOL
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_timestep_lists_equal_diffusers(name, spacing):
+    """spaced_timesteps' rules against the schedulers they come from, exactly, for 1–60 steps and a few larger
+    counts, steps_offset 0 and 1: integer for DDIM (DDPM and PNDM share its list), float for Euler (LMS and Heun
+    share it; diffusers keeps float32), DPM-Solver's own steps + 1 rule."""
+    for offset in (0, 1):
+        sched = reference(name, timestep_spacing=spacing, steps_offset=offset)
+        sampler = get_sampler(name, timestep_spacing=spacing, steps_offset=offset)
+        for steps in [*range(1, 61), 100, 250, 500]:
+            sched.set_timesteps(steps)
+            ours = sampler.timesteps(steps) if name == "ddim" else sampler.sigmas_and_timesteps(steps)[1]
+            assert ours.astype(sched.timesteps.numpy().dtype).tolist() == sched.timesteps.tolist(), steps
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m"])

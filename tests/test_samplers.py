@@ -3,6 +3,7 @@ img2img, the inpainting hooks, generators. The long error-vs-steps table is scri
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,12 @@ def test_spacing_and_sd15_defaults():
     # SD v1.5: "leading" with steps_offset 1 → 1, 21, …, 981 for 50 steps (DESIGN.md)
     assert spaced_timesteps(50, "leading", 1).tolist() == list(range(981, 0, -20))
     assert spaced_timesteps(50, "trailing", 1)[0] == 999 and spaced_timesteps(50, "linspace", 1)[0] == 999
+    # DPM-Solver's rule (intervals=True): steps + 1 grid points, the last one dropped
+    linspace = spaced_timesteps(20, "linspace", 1, intervals=True, integer=True)
+    assert linspace.dtype == np.int64 and linspace.tolist() == np.linspace(0, 999, 21).round()[::-1][:-1].tolist()
+    assert spaced_timesteps(20, "leading", 1, intervals=True).tolist() == list(range(20 * 47 + 1, 1, -47))  # 1000 // 21
+    assert (spaced_timesteps(20, "trailing", 1, intervals=True) == spaced_timesteps(20, "trailing", 1)).all()
+    assert spaced_timesteps(3, "linspace", 1, integer=True).tolist() == [999, 500, 0]  # 499.5 rounds half to even
     for name in ("ddpm", "ddim", "plms", "pndm"):
         sampler = get_sampler(name)
         assert (sampler.timestep_spacing, sampler.steps_offset) == ("leading", 1)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import Schedule
+from ..diffusion import Schedule, x0_from_eps_sigma, xt_from_x0_eps
 
 SPACINGS = ("leading", "linspace", "trailing")
 
@@ -41,21 +41,33 @@ def check_spacing(timestep_spacing: str) -> str:
     return timestep_spacing
 
 
-def spaced_timesteps(steps: int, spacing: str, steps_offset: int, n_train: int = 1000) -> np.ndarray:
-    """The `steps` timesteps a sampler visits, descending, float64, as in Table 2 of Lin et al. 2024
-    ("Common diffusion noise schedules and sample steps are flawed") and diffusers:
-        leading:  0, k, 2k, … (k = T // steps), + steps_offset      (SD v1.5: offset 1 → 1, 21, …, 981 for 50 steps)
-        linspace: linspace(0, T−1, steps)                           (fractional; the DDPM family rounds them)
-        trailing: round(T, T − T/steps, …) − 1                      (always starts at T−1 = 999)
+def spaced_timesteps(steps: int, spacing: str, steps_offset: int, n_train: int = 1000, *, intervals: bool = False,
+                     integer: bool = False) -> np.ndarray:
+    """The timesteps a sampler visits, descending, as in Table 2 of Lin et al. 2024 ("Common diffusion noise
+    schedules and sample steps are flawed") and diffusers. On a grid of n points (n = steps unless `intervals`):
+        leading:  0, k, 2k, … (k = T // n), + steps_offset     (SD v1.5: offset 1 → 1, 21, …, 981 for 50 steps)
+        linspace: linspace(0, T−1, n)                          (fractional unless `integer`)
+        trailing: round(T, T − T/steps, …) − 1                 (always starts at T−1 = 999)
+    intervals: DPM-Solver's own rule (diffusers' DPMSolverMultistepScheduler): lay steps + 1 points, so that the
+        `steps` intervals between them span the range, and visit all but the last (t = 0, or steps_offset for
+        "leading"), where the final step lands. "trailing" is the same either way: its points are T/steps apart
+        and its grid already stops short of its own end point, −1.
+    integer: round to int64 (the DDPM family and DPM-Solver); otherwise float64 (the other σ-samplers, which
+        interpolate σ at fractional t).
     """
     check_spacing(spacing)
     if not 1 <= steps <= n_train:
         raise ValueError(f"steps must be between 1 and {n_train}, got {steps}")
+    n = steps + 1 if intervals else steps
     if spacing == "leading":
-        return (np.arange(steps) * (n_train // steps)).round()[::-1].astype(np.float64) + steps_offset
-    if spacing == "linspace":
-        return np.linspace(0, n_train - 1, steps)[::-1].copy()
-    return np.round(np.arange(n_train, 0, -n_train / steps)).astype(np.float64) - 1
+        t = (np.arange(n) * (n_train // n))[::-1] + steps_offset
+    elif spacing == "linspace":
+        t = np.linspace(0, n_train - 1, n)[::-1]
+    else:
+        t = np.round(np.arange(n_train, 0, -n_train / steps)) - 1
+    if intervals and spacing != "trailing":
+        t = t[:-1]
+    return t.round().astype(np.int64) if integer else t.astype(np.float64)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -112,19 +124,21 @@ class Denoiser:
         return self.eps_model(x / (sigma**2 + 1) ** 0.5, as_model_t(t, x))  # x_t = x_σ / √(σ²+1) = √ᾱ x_σ
 
     def __call__(self, x: torch.Tensor, sigma: float, t: float | None = None) -> torch.Tensor:
-        return x - sigma * self.eps(x, sigma, t)  # x̂₀ = x_σ − σ ε̂
+        return x0_from_eps_sigma(x, self.eps(x, sigma, t), sigma)  # x̂₀ = x_σ − σ ε̂
 
 
 class Sampler:
-    """Base class: argument checks, the img2img start, hooks. Subclasses implement `_run` and `_noised`.
+    """Base class: the spacing options, argument checks, the img2img start, hooks. Subclasses implement `_run` and
+    `_noised`, and list their options in their own `__init__` (get_sampler reads its signature).
 
     `_run(eps_model, noise, steps, start, x0, generator, step_done)` runs the steps from index `start`, sets
     `self._levels` (one noise level per step that runs: what diffusers' add_noise would use for that step) and
     calls `x = step_done(i, t, x0_pred, x)` after each step.
     """
 
-    def __init__(self, schedule: Schedule | None = None):
+    def __init__(self, schedule: Schedule | None = None, *, timestep_spacing: str, steps_offset: int):
         self.schedule = schedule if schedule is not None else Schedule()
+        self.timestep_spacing, self.steps_offset = check_spacing(timestep_spacing), steps_offset
         self._levels: list[float] | None = None
 
     def sample(self, eps_model, noise: torch.Tensor, steps: int, *, generator=None,
@@ -173,10 +187,21 @@ class Sampler:
 
 
 class AlphaBarSampler(Sampler):
-    """DDPM-family base: state in DDPM scaling, levels are ᾱ values, x_t = √ᾱ x_0 + √(1−ᾱ) ε."""
+    """DDPM-family base: integer timesteps, state in DDPM scaling, levels are ᾱ values, x_t = √ᾱ x_0 + √(1−ᾱ) ε."""
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """The integer timesteps visited, descending (`[steps]`)."""
+        return spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps,
+                                integer=True)
 
     def _noised(self, x0, noise, alpha_bar):
-        return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise  # x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε  (eq 4.1)
+        return xt_from_x0_eps(x0, noise, alpha_bar)  # x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε  (eq 4.1)
+
+    def _begin(self, noise, x0, ts):
+        """Record the levels ᾱ_t of the timesteps that run; the initial state: x_T = ε (DDPM scaling needs no σ),
+        or for img2img x0 noised to the first of them."""
+        self._levels = [float(self.schedule.alpha_bar[t]) for t in ts]
+        return noise if x0 is None else self._noised(x0, noise, self._levels[0])
 
     def _alpha_bar(self, t: int, final: float) -> float:
         """ᾱ_t, or `final` for t < 0 (the level after the last step)."""
@@ -191,18 +216,21 @@ class SigmaSampler(Sampler):
     use_karras_sigmas False.
     """
 
+    intervals = integer_timesteps = False  # how spaced_timesteps lays the grid out (DPM-Solver++ differs: dpmpp.py)
+
     def __init__(self, schedule: Schedule | None = None, *, timestep_spacing: str = "linspace", steps_offset: int = 1,
                  karras: bool = False):
-        super().__init__(schedule)
-        self.timestep_spacing, self.steps_offset, self.karras = check_spacing(timestep_spacing), steps_offset, karras
+        super().__init__(schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+        self.karras = karras
 
     def sigmas_and_timesteps(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """σ_0 > … > σ_{N−1} > σ_N = 0 (`[N+1]`) and the timesteps the model sees at σ_0 … σ_{N−1} (`[N]`).
+        """σ_0 > … > σ_{N−1} > σ_N = 0 (`[N+1]`) and the timesteps the model sees at σ_0 … σ_{N−1} (`[N]`, float64).
 
         Without Karras: the spaced timesteps and σ interpolated linearly in t on them (diffusers' np.interp).
         With Karras: eq. (5) between the σ's of the first and last spaced timestep, and t = sigma_to_t(σ).
         """
-        t = spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps)
+        t = spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps,
+                             intervals=self.intervals, integer=self.integer_timesteps).astype(np.float64)
         sigmas = self.schedule.t_to_sigma(t, interpolation="linear").numpy()
         if self.karras:
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], steps)

@@ -13,16 +13,15 @@ for "leading", SD v1.5's default, and for "trailing" when steps divides T), and 
 ᾱ_0 when set_alpha_to_one=False (SD v1.5) or 1. Defaults = SD v1.5: spacing "leading", steps_offset 1, η = 0.
 """
 
-import numpy as np
 import torch
 
-from ..diffusion import Schedule
-from .base import AlphaBarSampler, as_model_t, check_spacing, draw_noise, spaced_timesteps
+from ..diffusion import Schedule, x0_from_eps
+from .base import AlphaBarSampler, as_model_t, draw_noise
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, sigma: float = 0.0):
     """One DDIM update (eq. 12) without the noise term; returns (x_prev, x0_pred)."""
-    x0_pred = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+    x0_pred = x0_from_eps(x, eps, alpha_bar)  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
     direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps  # √(1 − ᾱ_{t−1} − σ_t²) ε̂
     return alpha_bar_prev**0.5 * x0_pred + direction, x0_pred  # x_{t−1} = √ᾱ_{t−1} x̂₀ + direction
 
@@ -30,14 +29,9 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_pr
 class DDIM(AlphaBarSampler):
     def __init__(self, schedule: Schedule | None = None, *, eta: float = 0.0, timestep_spacing: str = "leading",
                  steps_offset: int = 1, set_alpha_to_one: bool = False):
-        super().__init__(schedule)
-        self.eta, self.timestep_spacing, self.steps_offset = eta, check_spacing(timestep_spacing), steps_offset
+        super().__init__(schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+        self.eta = eta
         self.final_alpha_bar = 1.0 if set_alpha_to_one else float(self.schedule.alpha_bar[0])
-
-    def timesteps(self, steps: int) -> np.ndarray:
-        """The integer timesteps visited, descending (`[steps]`)."""
-        t = spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps)
-        return t.round().astype(np.int64)
 
     def _alpha_bars(self, t: int, steps: int) -> tuple[float, float]:
         t_prev = t - self.schedule.n_train_steps // steps
@@ -45,8 +39,7 @@ class DDIM(AlphaBarSampler):
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
         ts = self.timesteps(steps)[start:]
-        self._levels = [float(self.schedule.alpha_bar[t]) for t in ts]
-        x = noise if x0 is None else self._noised(x0, noise, self._levels[0])  # x_T = ε: DDPM scaling needs no σ
+        x = self._begin(noise, x0, ts)
         for i, t in enumerate(ts):
             alpha_bar, alpha_bar_prev = self._alpha_bars(int(t), steps)
             eps = eps_model(x, as_model_t(t, x))

@@ -12,10 +12,8 @@ t > 0, as diffusers does. Defaults = diffusers' DDPMScheduler from the SD v1.5 c
 steps_offset 1, "fixed_small", no clipping of x̂₀.
 """
 
-import numpy as np
-
-from ..diffusion import Schedule, posterior_coefficients
-from .base import AlphaBarSampler, as_model_t, check_spacing, draw_noise, spaced_timesteps
+from ..diffusion import Schedule, posterior_coefficients, x0_from_eps
+from .base import AlphaBarSampler, as_model_t, draw_noise
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
@@ -23,26 +21,20 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 class DDPM(AlphaBarSampler):
     def __init__(self, schedule: Schedule | None = None, *, variance_type: str = "fixed_small",
                  timestep_spacing: str = "leading", steps_offset: int = 1):
-        super().__init__(schedule)
+        super().__init__(schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
         self.variance_type = variance_type
-        self.timestep_spacing, self.steps_offset = check_spacing(timestep_spacing), steps_offset
-
-    def timesteps(self, steps: int) -> np.ndarray:
-        t = spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps)
-        return t.round().astype(np.int64)
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
         all_ts = self.timesteps(steps)
         ts = all_ts[start:]
-        self._levels = [float(self.schedule.alpha_bar[t]) for t in ts]
-        x = noise if x0 is None else self._noised(x0, noise, self._levels[0])
+        x = self._begin(noise, x0, ts)
         for i, t in enumerate(ts):
             t_prev = int(all_ts[start + i + 1]) if start + i + 1 < steps else -1
             alpha_bar, alpha_bar_prev = self._alpha_bar(int(t), 1.0), self._alpha_bar(t_prev, 1.0)
             eps = eps_model(x, as_model_t(t, x))
-            x0_pred = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+            x0_pred = x0_from_eps(x, eps, alpha_bar)  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
             coef_x0, coef_xt, beta_tilde = posterior_coefficients(alpha_bar, alpha_bar_prev)
             mean = coef_x0 * x0_pred + coef_xt * x  # μ_θ  (eq. 7)
             if self.variance_type == "fixed_small":

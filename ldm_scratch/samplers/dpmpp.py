@@ -10,10 +10,11 @@ its linear part (eq. 9); with x_σ = x_t / α_t and σ = σ_t/α_t that is λ = 
 
 The last step, to σ = 0 (h = ∞), gives x = x̂₀ (diffusers' `lower_order_final` / `final_sigmas_type="zero"`).
 
-Timesteps follow diffusers' DPMSolverMultistepScheduler (its own spacing rule: steps + 1 points with the last
-dropped, integer t): "linspace" (default) t = round(linspace(0, T−1, N+1))[::-1][:-1]; "leading" k = T // (N+1);
-"trailing" as elsewhere; Karras σ's span the whole training range σ(0) … σ(T−1) and the model is given
-round(t(σ)). Its state is x_t = ε at the start, i.e. x_σ = √(σ_0²+1) ε here.
+Timesteps follow diffusers' DPMSolverMultistepScheduler, whose spacing rule is its own: N + 1 grid points, the last
+dropped, integer t (`spaced_timesteps(intervals=True, integer=True)`): "linspace" (default)
+t = round(linspace(0, T−1, N+1))[::-1][:-1]; "leading" k = T // (N+1); "trailing" as elsewhere. Karras σ's span the
+whole training range σ(0) … σ(T−1) whatever the spacing, and the model is given round(t(σ)).
+Its state is x_t = ε at the start, i.e. x_σ = √(σ_0²+1) ε here.
 Defaults = diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) from the SD v1.5
 config: spacing "linspace", no Karras.
 """
@@ -27,20 +28,13 @@ from .base import SigmaSampler, karras_sigmas
 
 
 class DPMSolverPP2M(SigmaSampler):
+    intervals = integer_timesteps = True  # DPM-Solver's own timestep rule (see the module docstring)
+
     def sigmas_and_timesteps(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.schedule.n_train_steps
-        if self.karras:
-            sigmas = karras_sigmas(float(self.schedule.sigmas[0]), float(self.schedule.sigmas[-1]), steps)
-            t = self.schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy().round()
-            return np.append(sigmas, 0.0), t
-        if self.timestep_spacing == "linspace":
-            t = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1]
-        elif self.timestep_spacing == "leading":
-            t = (np.arange(steps + 1) * (n // (steps + 1))).round()[::-1][:-1] + self.steps_offset
-        else:
-            t = np.round(np.arange(n, 0, -n / steps)) - 1
-        t = t.astype(np.float64)
-        return np.append(self.schedule.t_to_sigma(t, interpolation="linear").numpy(), 0.0), t
+        if not self.karras:
+            return super().sigmas_and_timesteps(steps)
+        sigmas = karras_sigmas(float(self.schedule.sigmas[0]), float(self.schedule.sigmas[-1]), steps)
+        return np.append(sigmas, 0.0), self.schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy().round()
 
     def initial_scale(self, sigma_max: float) -> float:
         return (sigma_max**2 + 1) ** 0.5  # diffusers' DPM state starts at x_t = ε, and x_σ = √(σ²+1) x_t

@@ -14,6 +14,7 @@ in σ. One noise draw per step, the last included (σ_up = 0 there), as diffuser
 Defaults = diffusers' Euler(Ancestral)DiscreteScheduler from the SD v1.5 config: spacing "linspace", no Karras.
 """
 
+from ..diffusion import eps_from_x0_sigma
 from .base import SigmaSampler, draw_noise
 
 
@@ -25,7 +26,7 @@ class Euler(SigmaSampler):
         for i, t in enumerate(ts):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             x0_pred = denoise(x, sigma, t)
-            d = (x - x0_pred) / sigma  # dx/dσ = (x − D(x, σ)) / σ
+            d = eps_from_x0_sigma(x, x0_pred, sigma)  # dx/dσ = (x − D(x, σ)) / σ
             if self.ancestral:
                 sigma_up = min(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
                 sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5  # σ_down² + σ_up² = σ_{i+1}²

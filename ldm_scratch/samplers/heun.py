@@ -11,6 +11,7 @@ each evaluation as a step over an interleaved list [t_0, t_1, t_1, t_2, …]; th
 Defaults = diffusers' HeunDiscreteScheduler from the SD v1.5 config: spacing "linspace", no Karras.
 """
 
+from ..diffusion import eps_from_x0_sigma
 from .base import SigmaSampler
 
 
@@ -20,12 +21,12 @@ class Heun(SigmaSampler):
         for i, t in enumerate(ts):
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             x0_pred = denoise(x, sigma, t)
-            d = (x - x0_pred) / sigma  # d_i = (x_i − D(x_i, σ_i)) / σ_i
+            d = eps_from_x0_sigma(x, x0_pred, sigma)  # d_i = (x_i − D(x_i, σ_i)) / σ_i
             x_euler = x + d * (sigma_next - sigma)  # x̃ = x_i + (σ_{i+1} − σ_i) d_i
             if sigma_next == 0:
                 x = x_euler  # last step: Euler
             else:
-                d_next = (x_euler - denoise(x_euler, sigma_next, ts[i + 1])) / sigma_next  # d'_i
+                d_next = eps_from_x0_sigma(x_euler, denoise(x_euler, sigma_next, ts[i + 1]), sigma_next)  # d'_i
                 x = x + (d + d_next) / 2 * (sigma_next - sigma)  # x_{i+1} = x_i + (σ_{i+1} − σ_i)(d_i + d'_i)/2
             x = step_done(i, t, x0_pred, x)
         return x

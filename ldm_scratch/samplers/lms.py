@@ -18,8 +18,8 @@ step index, which pairs a 4th-order coefficient with a single slope — a bug we
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from ..diffusion import Schedule
-from .base import Denoiser, SigmaSampler
+from ..diffusion import Schedule, eps_from_x0_sigma
+from .base import SigmaSampler
 
 
 def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list[float]:
@@ -45,16 +45,13 @@ class LMS(SigmaSampler):
         self.order = order
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
-        sigmas, ts = self.sigmas_and_timesteps(steps)
-        self._levels = list(sigmas[start:-1])
-        denoise = Denoiser(eps_model, self.schedule)
-        x = self._start(noise, x0, sigmas[start])
+        sigmas, ts, denoise, x = self._plan(eps_model, noise, steps, start, x0)
         slopes = []  # d_i, d_{i−1}, … newest first
-        for i in range(start, steps):
+        for i, t in enumerate(ts):
             sigma = float(sigmas[i])
-            x0_pred = denoise(x, sigma, ts[i])
-            slopes = [(x - x0_pred) / sigma] + slopes[: self.order - 1]  # d_i = (x_i − D(x_i, σ_i)) / σ_i
+            x0_pred = denoise(x, sigma, t)
+            slopes = [eps_from_x0_sigma(x, x0_pred, sigma)] + slopes[: self.order - 1]  # d_i = (x_i − D(x_i, σ_i))/σ_i
             coefficients = lms_coefficients(sigmas, i, len(slopes))
             x = x + sum(c * d for c, d in zip(coefficients, slopes))  # x_{i+1} = x_i + Σ_j c_j d_{i−j}
-            x = step_done(i - start, ts[i], x0_pred, x)
+            x = step_done(i, t, x0_pred, x)
         return x

@@ -26,8 +26,8 @@ Defaults = SD v1.5: spacing "leading", steps_offset 1, final level ᾱ_0 (set_al
 import numpy as np
 import torch
 
-from ..diffusion import Schedule
-from .base import AlphaBarSampler, as_model_t, check_spacing, spaced_timesteps
+from ..diffusion import Schedule, x0_from_eps
+from .base import AlphaBarSampler, as_model_t
 from .ddim import ddim_step
 
 
@@ -52,19 +52,13 @@ class PLMS(AlphaBarSampler):
 
     def __init__(self, schedule: Schedule | None = None, *, timestep_spacing: str = "leading", steps_offset: int = 1,
                  set_alpha_to_one: bool = False):
-        super().__init__(schedule)
-        self.timestep_spacing, self.steps_offset = check_spacing(timestep_spacing), steps_offset
+        super().__init__(schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
         self.final_alpha_bar = 1.0 if set_alpha_to_one else float(self.schedule.alpha_bar[0])
-
-    def timesteps(self, steps: int) -> np.ndarray:
-        t = spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps)
-        return t.round().astype(np.int64)
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
         ts = [int(t) for t in self.timesteps(steps)[start:]]
         t_prevs = ts[1:] + [-1]  # -1: the final level
-        self._levels = [float(self.schedule.alpha_bar[t]) for t in ts]
-        x = noise if x0 is None else self._noised(x0, noise, self._levels[0])
+        x = self._begin(noise, x0, ts)
         old_eps: list[torch.Tensor] = []
         for i, (t, t_prev) in enumerate(zip(ts, t_prevs)):
             alpha_bar, alpha_bar_prev = self._alpha_bar(t, 1.0), self._alpha_bar(t_prev, self.final_alpha_bar)
@@ -93,8 +87,7 @@ class PNDM(PLMS):
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
         ts = [int(t) for t in self.timesteps(steps)[start:]]
         delta = self.schedule.n_train_steps // steps  # diffusers always steps back by T // steps
-        self._levels = [float(self.schedule.alpha_bar[t]) for t in ts]
-        x = noise if x0 is None else self._noised(x0, noise, self._levels[0])
+        x = self._begin(noise, x0, ts)
         old_eps: list[torch.Tensor] = []
         x_start = None
         for i, t in enumerate(ts):
@@ -110,7 +103,7 @@ class PNDM(PLMS):
                 eps_prime = adams_bashforth(eps, old_eps)
                 old_eps = (old_eps + [eps])[-3:]
             alpha_bar, alpha_bar_prev = self._alpha_bar(t_from, 1.0), self._alpha_bar(t_to, self.final_alpha_bar)
-            x0_pred = (x - (1 - alpha_bar) ** 0.5 * eps_prime) / alpha_bar**0.5  # for the callback
+            x0_pred = x0_from_eps(x, eps_prime, alpha_bar)  # for the callback
             x = transfer(x, eps_prime, alpha_bar, alpha_bar_prev)
             x = step_done(i, t, x0_pred, x)
         return x
