@@ -1,7 +1,8 @@
 """ldm_scratch: Stable Diffusion v1 (latent diffusion) from scratch, in readable, math-annotated PyTorch.
 
 Data flows one way: text → tokens (tokenizer.py) → embeddings (clip.py); noise → UNet steps (unet.py, samplers/)
-→ latents → VAE decoder (vae.py) → pixels. pipeline.py ties them together; checkpoint.py loads official weights.
+→ latents → VAE decoder (vae.py) → pixels. pipeline.py ties them together; checkpoint/ loads official weights;
+fast/ is the opt-in CPU speed and memory machinery that load_pipeline installs on the networks it builds.
 """
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ def load_tokenizer(path=None):
 
 
 def load_pipeline(path=None, **options):
-    """A Stable Diffusion pipeline from an official file or diffusers folder (None: the bundled tiny model)."""
+    """A Stable Diffusion pipeline from an official file or diffusers folder (None: the bundled tiny model);
+    options as pipeline.load_pipeline (dtype, device, tokenizer, use_ema, fast=False for the plain networks)."""
     from .pipeline import load_pipeline as _load
     return _load(path, **options)

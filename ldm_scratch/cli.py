@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(p, default_strength=1.0)
     p.add_argument("--image", required=True, help="the image to repaint")
     p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
-    from .train import add_train_arguments, cmd_train
+    from .training.command import add_train_arguments, cmd_train
     p = commands.add_parser("train", help="train the tiny model from scratch (ldm_scratch/train.py)")
     add_train_arguments(p)
     p.set_defaults(run=cmd_train)

@@ -25,8 +25,9 @@ clip_skip = k returns LN_final(h^{L−k}); k = 0 (or None) is the normal output.
 differently: its "Clip skip: 1" is the normal output and "Clip skip: 2" (common for anime-style fine-tunes) is
 diffusers' clip_skip = 1, i.e. the penultimate block, h^{L−1} for L = 12.
 
-Module names are ours; checkpoint.CLIP_RULES maps the official `cond_stage_model.transformer.text_model.*` names
-onto them (e.g. `encoder.layers.3.self_attn.q_proj` → `blocks.3.attn.q`).
+Module names are ours; CLIP_RULES in checkpoint/keymap.py maps the official
+`cond_stage_model.transformer.text_model.*` names onto them
+(e.g. `encoder.layers.3.self_attn.q_proj` → `blocks.3.attn.q`).
 """
 from __future__ import annotations
 
@@ -56,30 +57,6 @@ class CLIPTextConfig:
             raise ValueError(f"width {self.width} is not divisible by n_heads {self.n_heads}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation '{self.activation}'; choose one of {sorted(ACTIVATIONS)}")
-
-    @classmethod
-    def from_shapes(cls, shapes: dict[str, tuple], head_dim: int = 64) -> "CLIPTextConfig":
-        """Infer the config from tensor shapes keyed by OUR state-dict names (after checkpoint.CLIP_RULES).
-
-        The number of heads leaves no trace in the weight shapes (q/k/v are [C, C] whatever the split), so it is
-        taken as width / head_dim: every CLIP text tower (OpenAI and OpenCLIP) uses 64-channel heads. The activation
-        cannot be seen either; quick-GELU (SD v1) is assumed.
-        """
-        from .checkpoint import CheckpointError  # imported here, not at the top: keeps clip.py free of import cycles
-        fc1 = sorted(name for name in shapes if name.startswith("blocks.") and name.endswith(".mlp.fc1.weight"))
-        missing = [name for name in ("token_embedding.weight", "position_embedding.weight") if name not in shapes]
-        if missing or not fc1:
-            raise CheckpointError("cannot infer the text encoder's size: no tensor "
-                                  + ", ".join(missing + ([] if fc1 else ["blocks.*.mlp.fc1.weight"]))
-                                  + " (our names, after checkpoint.CLIP_RULES). Is this an SD v1 checkpoint?")
-        vocab_size, width = shapes["token_embedding.weight"]
-        max_positions = shapes["position_embedding.weight"][0]
-        mlp_width = shapes[fc1[0]][0]
-        n_layers = 1 + max(int(name.split(".")[1]) for name in shapes if name.startswith("blocks."))
-        if width % head_dim:
-            raise CheckpointError(f"text encoder width {width} is not a multiple of the {head_dim}-channel CLIP head")
-        return cls(vocab_size=vocab_size, width=width, n_layers=n_layers, n_heads=width // head_dim,
-                   mlp_width=mlp_width, max_positions=max_positions)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ together (latent scale, β schedule, native resolution).
 Each network keeps its own dataclass beside its code (`CLIPTextConfig` in clip.py, `UNetConfig` in unet.py,
 `VAEConfig` in vae.py) with the real SD v1 defaults; `ModelConfig()` is therefore SD v1.x. The bundled tiny model
 stores its `ModelConfig` as JSON in the safetensors metadata (key `ldm_scratch_config`); official files carry no
-config, so it is inferred from tensor shapes (checkpoint.py).
+config, so it is inferred from tensor shapes (checkpoint/keymap.py).
 """
 from __future__ import annotations
 

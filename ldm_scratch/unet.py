@@ -31,13 +31,12 @@ The timestep enters every ResBlock (as a per-channel bias), the prompt enters ev
 cross-attention): each latent pixel asks "which words are about me?" and pulls in their embeddings. Dropout is left
 out (SD v1 trains with dropout 0).
 
-Parameter names are ours; checkpoint.UNET_RULES maps the official CompVis names onto them, and
-checkpoint.DIFFUSERS_UNET_RULES the diffusers ones.
+Parameter names are ours; the key map in checkpoint/keymap.py names the official CompVis blocks for any topology,
+and DIFFUSERS_UNET_RULES there the diffusers ones.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -74,35 +73,6 @@ class UNetConfig:
     def time_dim(self) -> int:
         """Width of the timestep MLP's output, 4 · model_channels (1280)."""
         return 4 * self.model_channels
-
-    @classmethod
-    def from_shapes(cls, shapes: dict[str, tuple], n_heads: int = 8, norm_groups: int = 32) -> "UNetConfig":
-        """Infer the config from a state dict's shapes, keyed by OUR parameter names (after the rule tables).
-
-        Everything but the head count and the GroupNorm groups is visible in the shapes; SD v1 uses 8 heads and
-        32 groups (SD 2.x fixes d_head = 64 instead, which is a different model). 9 input channels ⇒ inpainting.
-        """
-        def levels(pattern: str) -> set[int]:
-            return {int(m[1]) for key in shapes if (m := re.fullmatch(pattern, key))}
-
-        in_channels_shape = shapes["input_conv.weight"]        # [model_channels, in_channels, 3, 3]
-        model_channels = in_channels_shape[0]
-        n_levels = len(levels(r"down\.(\d+)\.res\.0\.conv1\.weight"))
-        channel_mult = tuple(shapes[f"down.{i}.res.0.conv1.weight"][0] // model_channels for i in range(n_levels))
-        attention_levels = tuple(sorted(levels(r"down\.(\d+)\.attn\.0\.norm\.weight")))
-        first_attn = f"down.{attention_levels[0]}.attn.0" if attention_levels else "middle.attn"
-        return cls(
-            in_channels=in_channels_shape[1],
-            out_channels=shapes["output_conv.weight"][0],
-            model_channels=model_channels,
-            channel_mult=channel_mult,
-            num_res_blocks=len(levels(r"down\.0\.res\.(\d+)\.conv1\.weight")),
-            attention_levels=attention_levels,
-            n_heads=n_heads,
-            transformer_depth=len(levels(re.escape(first_attn) + r"\.blocks\.(\d+)\.norm1\.weight")),
-            context_dim=shapes[f"{first_attn}.blocks.0.cross_attn.to_k.weight"][1],
-            norm_groups=norm_groups,
-        )
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:

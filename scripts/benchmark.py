@@ -69,13 +69,14 @@ def synthetic_file(path: Path) -> Path:
 
 def original_config() -> dict:
     import yaml
-    return yaml.safe_load((ROOT / "ldm_scratch" / "keys" / "v1-inference.yaml").read_text())
+    return yaml.safe_load((ROOT / "ldm_scratch" / "checkpoint" / "keys" / "v1-inference.yaml").read_text())
 
 
 def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool):
     """What a user gets from `load_pipeline` (channels_last); with channels_last=False the same networks left in
-    PyTorch's default layout."""
+    PyTorch's default layout (the VAE still in row bands)."""
     from ldm_scratch.checkpoint import load_models
+    from ldm_scratch.fast import use_row_bands
     from ldm_scratch.pipeline import StableDiffusion, load_pipeline
     from ldm_scratch.tokenizer import load_tokenizer
     if channels_last:
@@ -84,6 +85,7 @@ def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool):
         return pipe
     models = load_models(path, dtype=dtype)
     text_encoder, unet, vae = (m.eval().to(device) for m in (models.text_encoder, models.unet, models.vae))
+    use_row_bands(vae)
     return StableDiffusion(text_encoder, unet, vae, models.config, tokenizer=load_tokenizer(), device=device)
 
 

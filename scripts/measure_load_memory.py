@@ -52,7 +52,7 @@ mark('load_pipeline')
 watch(pipe.text_encoder, 'text encoder')
 watch(pipe.unet, 'UNet step (CFG, batch 2)')
 for i, level in reversed(list(enumerate(pipe.vae.decoder.levels))):
-    for block in level.blocks():
+    for block in [*level.res_blocks] + ([level.upsample] if level.upsample is not None else []):
         watch(block, f'VAE decoder level {i} ({2 ** (3 - i) * 64}²): ' + type(block).__name__)
 with torch.inference_mode():
     pipe.txt2img('a watercolor painting of a fox in the snow', 'blurry', steps=steps, sampler='ddim', seed=0,

@@ -1,7 +1,7 @@
 """Write a synthetic checkpoint laid out exactly like an official SD v1 single file, filled with random numbers.
 
 The official weights cannot be downloaded here, so tests and benchmarks use files with the official names and shapes
-(ldm_scratch/keys/sd-v1-checkpoint-keys.json) and random values. EVERY tensor is random (the original UNet
+(ldm_scratch/checkpoint/keys/sd-v1-checkpoint-keys.json) and random values. EVERY tensor is random (the original UNet
 zero-initialises its output layers, which would let parity checks pass vacuously), scaled so activations stay O(1).
 
     python scripts/synthetic_checkpoint.py out.safetensors [--dtype fp16] [--ema] [--buffers] [--inpainting]

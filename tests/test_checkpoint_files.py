@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from ldm_scratch.checkpoint import CheckpointError, TensorFile, ema_key, identify, reference_keys
 
 KEYS = reference_keys()
-V2_KEYS = json.loads((Path(__file__).parents[1] / "ldm_scratch" / "keys" / "sd-v2-checkpoint-keys.json").read_text())
+V2_KEYS = json.loads((Path(__file__).parents[1] / "ldm_scratch" / "checkpoint" / "keys" / "sd-v2-checkpoint-keys.json").read_text())
 
 
 def shapes_of(*sections, keys=KEYS):

@@ -1,6 +1,6 @@
 """Loading the CLIP text encoder from files laid out like the official SD v1 checkpoints.
 
-The reference layout is `ldm_scratch/keys/sd-v1-checkpoint-keys.json` (section `text_encoder`): transformers'
+The reference layout is `ldm_scratch/checkpoint/keys/sd-v1-checkpoint-keys.json` (section `text_encoder`): transformers'
 CLIPTextModel state dict under `cond_stage_model.transformer.text_model.`, with `position_ids` [1, 77] int64.
 Files in the wild also come without the inner `text_model.`, with `position_ids` stored as float, or without it.
 
@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from ldm_scratch import checkpoint
 from ldm_scratch.checkpoint import CLIP_RULES, DIFFUSERS_CLIP_RULES, CheckpointError, TensorFile
+from ldm_scratch.checkpoint.keymap import clip_config_from_shapes
 from ldm_scratch.clip import CLIPTextConfig, CLIPTextModel
 
 PREFIX = "cond_stage_model.transformer."
@@ -87,7 +88,7 @@ def load_text_encoder(file: TensorFile, config: CLIPTextConfig | None = None,
     {our name → file key} that was used."""
     mapping = checkpoint.map_component(file.keys(), prefix, CLIP_RULES)
     if config is None:
-        config = CLIPTextConfig.from_shapes({ours: file.shapes[key] for ours, key in mapping.items()})
+        config = clip_config_from_shapes({ours: file.shapes[key] for ours, key in mapping.items()})
     with torch.device("meta"):
         model = CLIPTextModel(config)
     checkpoint.fill_module(model, mapping, file.get, file.shapes, "text encoder")
@@ -134,7 +135,7 @@ def test_rules_map_reference_keys_onto_our_module():
         assert len(mapping) == len(keys) - 1  # all but position_ids
         shapes = {ours: reference[key.replace(PREFIX + inner, WITH_TEXT_MODEL)]
                   for ours, key in mapping.items()}
-        assert CLIPTextConfig.from_shapes(shapes) == CLIPTextConfig()
+        assert clip_config_from_shapes(shapes) == CLIPTextConfig()
     example = checkpoint.rename("text_model.encoder.layers.3.self_attn.out_proj.weight", CLIP_RULES)
     assert example == "blocks.3.attn.out.weight"
 
@@ -183,7 +184,7 @@ def test_file_variants_load_every_tensor(tmp_path, key_prefix, position_ids):
     file = TensorFile(path)
     model, mapping = load_text_encoder(file, TINY)
     assert_every_tensor_used(file, mapping, model)
-    assert CLIPTextConfig.from_shapes({o: file.shapes[k] for o, k in mapping.items()}) == CLIPTextConfig(
+    assert clip_config_from_shapes({o: file.shapes[k] for o, k in mapping.items()}) == CLIPTextConfig(
         vocab_size=1000, width=64, n_layers=2, n_heads=1, mlp_width=256)  # heads = width / 64 when inferred
 
 
@@ -222,7 +223,7 @@ def load_shapes(shapes: dict[str, tuple], config: CLIPTextConfig | None = None) 
         raise AssertionError(f"read '{key}' although the file should have been refused first")
     mapping = checkpoint.map_component(shapes, PREFIX, CLIP_RULES)
     if config is None:
-        config = CLIPTextConfig.from_shapes({ours: shapes[key] for ours, key in mapping.items()})
+        config = clip_config_from_shapes({ours: shapes[key] for ours, key in mapping.items()})
     with torch.device("meta"):
         model = CLIPTextModel(config)
     checkpoint.fill_module(model, mapping, get, shapes, "text encoder")

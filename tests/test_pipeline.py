@@ -1,12 +1,15 @@
 """The pipeline's own promises, on a tiny random model: seeds reproduce, a batch equals single runs, output types,
 the callback, CFG batching, img2img's step count, mask blending keeps the known region, precision fallbacks, and a
-clear error for every kind of bad input. (Equality with diffusers' images: test_pipeline_parity.py.)"""
+clear error for every kind of bad input; on the bundled model, the fast path (load_pipeline's default) gives the
+plain networks' images. (Equality with diffusers' images: test_pipeline_parity.py.)"""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ldm_scratch.pipeline import NonFiniteOutputError, _images_to_tensor, _masks_to_tensor
+from ldm_scratch import vae as vae_module
+from ldm_scratch.images import images_to_tensor, masks_to_tensor
+from ldm_scratch.pipeline import NonFiniteOutputError, load_pipeline
 
 from pipeline_fixtures import sample_image, sample_mask, tiny_pipeline, write_tiny_checkpoint, write_vocabulary
 
@@ -152,9 +155,9 @@ def test_mask_blending_keeps_the_known_region_exactly(pipe, sampler):
     """Regular model: after the last step the kept region (mask 0) is the image's own latents, bit for bit."""
     image, mask = sample_image(64, 64, seed=1), sample_mask(64, 64)
     latents = pipe.inpaint("a red circle", image, mask, seed=11, sampler=sampler, output_type="latent", **FAST)
-    x = _images_to_tensor([image], 64, 64, "image", 1)
+    x = images_to_tensor([image], 64, 64, "image", 1)
     image_latents = pipe.encode_images(x, [torch.Generator().manual_seed(11)], 1)   # the first draw of seed 11
-    keep = torch.nn.functional.interpolate(_masks_to_tensor([mask], 64, 64, 1), size=(8, 8)) == 0
+    keep = torch.nn.functional.interpolate(masks_to_tensor([mask], 64, 64, 1), size=(8, 8)) == 0
     keep = keep.expand_as(latents)
     assert torch.equal(latents[keep], image_latents[keep])
     assert (latents[~keep] - image_latents[~keep]).abs().max() > 0.1     # and the hole was repainted
@@ -184,7 +187,7 @@ def test_images_of_another_size_are_resized_with_a_warning(pipe):
 
 def test_mask_is_binarised_and_white_means_repaint():
     mask = Image.fromarray(np.array([[0, 127, 128, 255]] * 8, dtype=np.uint8).repeat(2, axis=1))
-    values = _masks_to_tensor([mask], 8, 8, 1)[0, 0, 0].tolist()
+    values = masks_to_tensor([mask], 8, 8, 1)[0, 0, 0].tolist()
     assert values == [0, 0, 0, 0, 1, 1, 1, 1]             # ≥ 0.5 (128/255) → 1 = repaint
 
 
@@ -216,13 +219,66 @@ def test_nan_latents_raise_instead_of_a_black_image(files):
 
 
 def test_bfloat16_pipeline_runs_and_stays_close(files):
-    from ldm_scratch.pipeline import load_pipeline
     pipe = load_pipeline(files["regular"], dtype=torch.bfloat16, tokenizer=files["vocabulary"])
     full = load_pipeline(files["regular"], tokenizer=files["vocabulary"])
     low = pipe.txt2img("a fox", seed=0, sampler="ddim", output_type="np", **FAST)
     high = full.txt2img("a fox", seed=0, sampler="ddim", output_type="np", **FAST)
     assert pipe.dtype == torch.bfloat16 and np.isfinite(low).all()
     assert np.abs(low - high).mean() < 0.05               # bfloat16 keeps ~3 digits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast path: load_pipeline() against load_pipeline(fast=False), on the bundled model
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled(files):
+    """The bundled tiny model (64² native: its decoder's last levels are taller than the fast path's 16-row bands,
+    so they do run banded), read with the test vocabulary so no download is needed."""
+    return dict(fast=load_pipeline(tokenizer=files["vocabulary"]),
+                plain=load_pipeline(fast=False, tokenizer=files["vocabulary"]))
+
+
+def test_fast_false_leaves_the_networks_plain(bundled):
+    plain, fast = bundled["plain"], bundled["fast"]
+    blocks = [m for m in plain.vae.modules() if isinstance(m, vae_module.ResBlock)]
+    assert blocks and all(type(m) is vae_module.ResBlock for m in blocks)      # vae.py's own layers, not banded
+    assert not any(type(m).__module__.startswith("ldm_scratch.fast") for net in (plain.unet, plain.vae)
+                   for m in net.modules())
+    assert any(type(m) is not vae_module.ResBlock for m in fast.vae.modules() if isinstance(m, vae_module.ResBlock))
+    for pipe, channels_last in ((plain, False), (fast, True)):
+        weights = [p for net in (pipe.unet, pipe.vae) for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1
+                   and p.shape[-1] > 1]                                        # 3×3 convolutions: layout visible
+        assert all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in weights)
+        x = torch.randn(1, 4, 8, 8)
+        with torch.inference_mode():
+            eps = pipe.unet(x, torch.tensor(500), torch.zeros(1, 77, pipe.config.unet.context_dim))
+        assert eps.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+# Measured (CPU, 1 and 2 threads, seeds 0/10/20/30 × 2 images, both samplers): max |fast − plain| over the [0, 1]
+# pixel arrays 2.8e-5 (4 steps at 64²; 6.2e-5 at 128², not run here). The only differences are float32 rounding:
+# channels_last convolutions add up in another order, and the banded decoder sums GroupNorm's statistics in two
+# passes. 1e-4 leaves room for other BLAS builds and is 40× below one 8-bit level (1/255); a wrong band or halo
+# row moves pixels by 1e-2 or more.
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])   # euler_a also draws noise at every step
+def test_fast_and_plain_pipelines_give_the_same_images(bundled, sampler):
+    args = dict(num_images=2, seed=10, sampler=sampler, steps=4, progress=False, output_type="np")  # seeds 10, 11
+    fast = bundled["fast"].txt2img("a red circle on a blue background", **args)
+    plain = bundled["plain"].txt2img("a red circle on a blue background", **args)
+    assert fast.shape == plain.shape == (2, 64, 64, 3)
+    assert np.abs(fast - plain).max() < 1e-4
+
+
+def test_fast_and_plain_vae_decode_agree(bundled):
+    """pipe.vae.decode(z) itself is on the fast path. Measured max |fast − plain| / max |plain| over 6 latent
+    sizes (8…24 × 8…28, batch 2), 1 and 2 threads: 1.4e-5 (the rounding above); bound 5e-5."""
+    z = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fast, plain = bundled["fast"].vae.decode(z), bundled["plain"].vae.decode(z)
+    factor = bundled["plain"].config.vae.downsample_factor
+    assert fast.shape == plain.shape == (2, 3, 16 * factor, 24 * factor)
+    assert ((fast - plain).abs().max() / plain.abs().max()).item() < 5e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------

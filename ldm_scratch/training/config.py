@@ -1,0 +1,65 @@
+"""What decides a training run (`TrainConfig`), and the β schedule a model config names.
+
+A run's TrainConfig is stored in its checkpoint as JSON; resuming takes the recipe from there (see run.py), so a
+resumed run cannot silently change what it trains. `STAGE2_FIELDS` lists the fields only stage 2 reads: those may
+still change while stage 2 has not begun (`train(..., new_stage2=True)`, `--new-stage2`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from ..configs import ModelConfig, tiny_config
+from ..diffusion import Schedule, ScheduleConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run; the defaults are the recipe of the bundled model."""
+    out_dir: str = "runs/tiny"
+    model: ModelConfig = field(default_factory=tiny_config)
+    seed: int = 0
+    device: str = "cpu"
+    n_images: int = 12_000          # the fixed training set, rendered once
+    # stage 1: the autoencoder
+    vae_steps: int = 1_500
+    vae_batch_size: int = 16
+    vae_lr: float = 3e-3
+    kl_weight: float = 1e-5
+    # stage 2: text encoder + UNet
+    steps: int = 2_500
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1    # p(caption → "") so the model also learns ε_θ(z_t, t, ∅) for CFG
+    offset_noise: float = 0.1       # std of a per-image, per-channel constant added to ε (train.training_noise)
+    grad_clip: float = 1.0
+    # bookkeeping
+    sample_every: int = 500         # sample grid every N steps of stage 2 (0: never)
+    checkpoint_every: int = 500     # ckpt.pt every N steps (either stage)
+    sample_steps: int = 30          # grids use the pipeline's defaults: DPM-Solver++ 2M, 30 steps, guidance 7.5
+    guidance_scale: float = 7.5
+    progress: bool = True
+
+    def to_json(self) -> str:
+        values = dataclasses.asdict(self)
+        values["model"] = json.loads(self.model.to_json())
+        return json.dumps(values, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        values = json.loads(text)
+        values["model"] = ModelConfig.from_json(json.dumps(values["model"]))
+        return cls(**values)
+
+
+# the fields that only stage 2 reads: `new_stage2` may change them while stage 2 has not begun
+STAGE2_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "caption_dropout", "offset_noise",
+                 "sample_every")
+
+
+def schedule_of(config: ModelConfig) -> Schedule:
+    """The β schedule (T, β_start, β_end) the model is trained and sampled with."""
+    return Schedule(ScheduleConfig(config.num_train_timesteps, config.beta_start, config.beta_end))
