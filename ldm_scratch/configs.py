@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from .clip import CLIPTextConfig
+from .diffusion import Schedule, ScheduleConfig
 from .unet import UNetConfig
 from .vae import VAEConfig
 
@@ -36,6 +37,11 @@ class ModelConfig:
     @property
     def latent_channels(self) -> int:
         return self.vae.z_channels
+
+    def schedule(self) -> Schedule:
+        """The β schedule (T, β_start, β_end) this model is trained and sampled with."""
+        return Schedule(ScheduleConfig(n_train_steps=self.num_train_timesteps, beta_start=self.beta_start,
+                                       beta_end=self.beta_end))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .arguments import prepare, txt2img_size
 from .checkpoint import CheckpointError, load_models
-from .diffusion import Schedule, ScheduleConfig, classifier_free_guidance
+from .diffusion import classifier_free_guidance
 from .fast import install
 from .images import OUTPUT_TYPES  # noqa: F401  (kept importable from here, where it was defined before)
 from .images import check_size, default_size, images_to_tensor, load_images, masks_to_tensor, to_output
@@ -65,8 +65,7 @@ class StableDiffusion:
         self.device = torch.device(device)
         self._tokenizer_path = tokenizer_path
         self._tokenizer = tokenizer
-        self.schedule = Schedule(ScheduleConfig(n_train_steps=config.num_train_timesteps,
-                                                beta_start=config.beta_start, beta_end=config.beta_end))
+        self.schedule = config.schedule()                      # β_t, ᾱ_t of the model's training
         # The latent scale. The VAE's latents have a standard deviation of ≈ 5.5 for SD v1, but the diffusion
         # process (β schedule, the σ's, ε ~ N(0, I)) is built for data of unit variance. So the model diffuses
         # z = latent_scale · E(x) (0.18215 ≈ 1/5.5 for SD v1, chosen from the data's std; the tiny model stores its

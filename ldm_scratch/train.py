@@ -66,7 +66,7 @@ from .tokenizer import load_tokenizer
 from .unet import UNet
 from .vae import VAE
 # the plumbing, re-exported: `from ldm_scratch.train import X` works for every public name of training/
-from .training.config import STAGE2_FIELDS, TrainConfig, schedule_of
+from .training.config import STAGE2_FIELDS, TrainConfig
 from .training.dataset import encode_training_set, latent_std, render_training_set, to_model_range, tokenize_all
 from .training.run import Run, load_checkpoint, open_checkpoint, save_checkpoint, setup_distributed, wrap
 from .training.sampling import GRID_CAPTIONS, generate, sample_grid, save_grid
@@ -270,7 +270,7 @@ def train_diffusion(run: Run, data: LatentData, first_step: int, stop_at: int | 
     """Stage 2 from `first_step` to cfg.steps, with sample grids and checkpoints on the way; its optimizer when
     it ran to the end, None if it stopped at `stop_at` (counted over both stages)."""
     cfg = run.cfg
-    schedule = schedule_of(run.model_config)
+    schedule = run.model_config.schedule()
     run.text_encoder.train(), run.unet.train()
     model = wrap(TextToEps(run.text_encoder, run.unet), run.world_size, run.device)
     optimizer = torch.optim.AdamW(list(run.text_encoder.parameters()) + list(run.unet.parameters()), lr=cfg.lr,

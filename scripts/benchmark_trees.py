@@ -12,9 +12,10 @@ The same workloads as scripts/benchmark.py, on the same random full-size SD v1.5
     memory   load + one 512² txt2img (`--steps` DDIM steps) in a fresh process per tree: peak RSS (VmHWM)
 
 Speed rows run in ONE process: the other tree's package is imported under another name (`ldm_scratch_other`) next
-to this tree's `ldm_scratch`, both built by their own `load_pipeline` (what a user gets), and timed interleaved
-(new, old, new, old, …) so that drifts in machine load hit both alike; medians are reported as new / old. The
-memory row runs each tree's own `scripts/benchmark.py --memory-child ours`, alternating.
+to this tree's `ldm_scratch`, both built by their own `load_pipeline` (what a user gets), and timed interleaved in
+ABBA order (new, old, old, new, new, old, …: whichever runs first in a pair has no steady advantage) so that drifts
+in machine load hit both alike; medians are reported as new / old. The memory row runs each tree's own
+`scripts/benchmark.py --memory-child ours`, alternating.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,12 +51,31 @@ def import_tree(root: Path, name: str = "ldm_scratch_other"):
     return module
 
 
+def abba(pair: tuple, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of pair[0] and pair[1], `repeats` each after `warmup` untimed calls each, in the order
+    0 1 1 0 0 1 …"""
+    times = ([], [])
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for run in pair:
+                run()
+        for k in range(repeats):
+            for which in ((0, 1), (1, 0))[k % 2]:                       # 0 1 | 1 0 | 0 1 | …
+                start = time.perf_counter()
+                pair[which]()
+                times[which].append(time.perf_counter() - start)
+    return times
+
+
 def speed(args) -> dict:
     import ldm_scratch
     other = import_tree(args.old_tree)
     data = benchmark.inputs(torch.float32, "cpu")
     x, t, context, z = data["x"], data["t"], data["context"], data["z"]
-    new, old = ldm_scratch.load_pipeline(args.checkpoint), other.load_pipeline(args.checkpoint)
+    if args.load_old_first:   # which pipeline's weights are allocated first: a check that the order is not the cause
+        old, new = other.load_pipeline(args.checkpoint), ldm_scratch.load_pipeline(args.checkpoint)
+    else:
+        new, old = ldm_scratch.load_pipeline(args.checkpoint), other.load_pipeline(args.checkpoint)
     print(f"new: {Path(ldm_scratch.__file__).parent}\nold: {Path(other.__file__).parent}", flush=True)
     runs = {"unet": (lambda: new.unet(x, t, context), lambda: old.unet(x, t, context)),
             "vae": (lambda: new.vae.decode(z), lambda: old.vae.decode(z))}
@@ -62,7 +83,7 @@ def speed(args) -> dict:
     for row in [r for r in args.only if r in runs]:
         with torch.inference_mode():   # the two give the same numbers (a refactor must not change them)
             difference = (runs[row][0]() - runs[row][1]()).abs().max().item()
-        mine, reference = benchmark.interleaved(runs[row], args.warmup, args.repeats, "cpu")
+        mine, reference = abba(runs[row], args.warmup, args.repeats)
         rows[row] = {"new_s": statistics.median(mine), "old_s": statistics.median(reference), "new_all": mine,
                      "old_all": reference, "max_abs_difference": difference}
         r = rows[row]
@@ -97,6 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2, help="DDIM steps of the memory row's txt2img")
     p.add_argument("--memory-repeats", type=int, default=2)
     p.add_argument("--only", default=",".join(ROWS))
+    p.add_argument("--load-old-first", action="store_true", help="load the old tree's pipeline before the new one")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     args.old_tree = args.old_tree.resolve()

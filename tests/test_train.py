@@ -178,7 +178,7 @@ def test_every_name_train_py_had_is_still_importable_from_it():
     names it held before stay importable from ldm_scratch.train, for notebooks, scripts and users' code."""
     import ldm_scratch.train as recipe
 
-    names = ("TrainConfig STAGE2_FIELDS train build_models schedule_of AutoencoderLoss TextToEps training_noise "
+    names = ("TrainConfig STAGE2_FIELDS train build_models AutoencoderLoss TextToEps training_noise "
              "learning_rate render_training_set to_model_range tokenize_all generate save_grid GRID_CAPTIONS "
              "sample_grid save_checkpoint load_checkpoint setup_distributed wrap add_train_arguments cmd_train main")
     assert [name for name in names.split() if not hasattr(recipe, name)] == []

@@ -1,6 +1,6 @@
 """The parts `train.py` builds its recipe from, each in its own file; `train.py` itself reads as the two stages.
 
-    config.py    TrainConfig (everything that decides a run) and the β schedule a model config names
+    config.py    TrainConfig: everything that decides a run
     dataset.py   the fixed training set: rendered once, tokenised once, encoded to latents once
     run.py       a run's live state: processes (DDP), run directory, log, checkpoints, resuming
     sampling.py  the periodic sample grids (CFG sampling with the in-training networks)

@@ -1,4 +1,4 @@
-"""What decides a training run (`TrainConfig`), and the β schedule a model config names.
+"""What decides a training run (`TrainConfig`) and which fields stage 2 may change when resuming.
 
 A run's TrainConfig is stored in its checkpoint as JSON; resuming takes the recipe from there (see run.py), so a
 resumed run cannot silently change what it trains. `STAGE2_FIELDS` lists the fields only stage 2 reads: those may
@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass, field
 
 from ..configs import ModelConfig, tiny_config
-from ..diffusion import Schedule, ScheduleConfig
 
 
 @dataclass
@@ -59,7 +58,3 @@ class TrainConfig:
 STAGE2_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "caption_dropout", "offset_noise",
                  "sample_every")
 
-
-def schedule_of(config: ModelConfig) -> Schedule:
-    """The β schedule (T, β_start, β_end) the model is trained and sampled with."""
-    return Schedule(ScheduleConfig(config.num_train_timesteps, config.beta_start, config.beta_end))

@@ -14,7 +14,7 @@ from ..configs import ModelConfig
 from ..data import caption, heldout_combinations
 from ..diffusion import classifier_free_guidance
 from ..samplers import get_sampler
-from .config import TrainConfig, schedule_of
+from .config import TrainConfig
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def generate(text_encoder, unet, vae, tokenizer, config: ModelConfig, captions: 
 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, config.latent_channels, side, side, generator=generator).to(device)
-    z0 = get_sampler(sampler, schedule=schedule_of(config)).sample(eps_model, noise, steps, generator=generator)
+    z0 = get_sampler(sampler, schedule=config.schedule()).sample(eps_model, noise, steps, generator=generator)
     x = vae.decode(z0 / config.latent_scale)                          # z = z_0 / latent_scale
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # pixel = (x + 1)·127.5
 
