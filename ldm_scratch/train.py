@@ -32,11 +32,12 @@ Speed: the training images are rendered once (a fixed, seeded set), their latent
 stage 1, and each caption tokenised once; a step then costs one UNet + text-encoder forward/backward on [B, 4, 16, 16].
 
 Reproducibility: every random number (initial weights, batches, t, ε, dropout, posterior samples) comes from seeded
-generators whose states are saved in the checkpoint, so an interrupted run resumed from `ckpt.pt` continues exactly
-as the uninterrupted one would (on the same device and thread count). Under DDP each rank draws its own batches
-(generator seeded with seed·1000 + rank) and gradients are averaged; the global batch stays `batch_size`.
+generators whose states are saved in the checkpoint, so an interrupted run resumed from its checkpoint continues
+exactly as the uninterrupted one would (on the same device and thread count). Under DDP each rank draws its own
+batches (generator seeded with seed·1000 + rank) and gradients are averaged; the global batch stays `batch_size`.
 
-Outputs in `out_dir`: `ckpt.pt` (resumable: models, optimizer, step, RNG states), `samples/*.png` (periodic grids:
+Outputs in `out_dir`: `ckpt.safetensors` (resumable: models, optimizer, step, RNG states; tensors + JSON, no
+pickle, written atomically; a resume must keep the run's recipe), `samples/*.png` (periodic grids:
 one row per caption, one column per seed), `log.txt`, and the final `model.safetensors` in the official
 single-file layout (config in the metadata), loadable with `ldm_scratch.load_pipeline(path)`.
 
@@ -69,6 +70,7 @@ from .vae import VAE
 from .training.config import STAGE2_FIELDS, TrainConfig
 from .training.dataset import encode_training_set, latent_std, render_training_set, to_model_range, tokenize_all
 from .training.run import Run, load_checkpoint, open_checkpoint, save_checkpoint, setup_distributed, wrap
+from .training.state import write_atomically
 from .training.sampling import GRID_CAPTIONS, generate, sample_grid, save_grid
 from .training.command import add_train_arguments, cmd_train, train_main as main  # the `train` command
 
@@ -156,7 +158,7 @@ def start_run(cfg: TrainConfig, checkpoint: dict | None) -> Run:
     out_dir = Path(cfg.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(cfg.to_json())
+        write_atomically(out_dir / "config.json", cfg.to_json().encode())
     if cfg.vae_batch_size % world_size or cfg.batch_size % world_size:
         raise ValueError(f"batch sizes ({cfg.vae_batch_size}, {cfg.batch_size}) must divide by the number of "
                          f"processes ({world_size})")
@@ -164,6 +166,9 @@ def start_run(cfg: TrainConfig, checkpoint: dict | None) -> Run:
     if log is not None:
         print(f"{'resuming' if checkpoint else 'starting'} on {device}, world size {world_size}, "
               f"{torch.get_num_threads()} threads", file=log, flush=True)
+        for note in (checkpoint or {}).get("notes", []):  # resume flags that were applied: the user should know
+            print(note, file=log, flush=True)
+            print(note, file=sys.stderr)
     text_encoder, unet, vae = (m.to(device) for m in build_models(cfg.model, cfg.seed))
     tokenizer = load_tokenizer()
     start = time.time()
@@ -321,17 +326,21 @@ def export(run: Run, optimizer: torch.optim.Optimizer) -> None:
     run.history["model_config"] = run.model_config
 
 
-def train(cfg: TrainConfig, resume: bool = True, stop_at: int | None = None, new_stage2: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = True, stop_at: int | None = None, new_stage2: bool = False,
+          force: bool = False) -> dict:
     """Run (or resume) both stages; returns {"vae_loss": [...], "loss": [...], "model": Path or None, ...}.
 
-    With resume=True and `out_dir/ckpt.pt` present, training continues from it (its TrainConfig wins, except
-    out_dir and progress, so a moved run directory resumes in place).
+    With resume=True and `out_dir/ckpt.safetensors` present, training continues from it with its TrainConfig:
+    `cfg` may differ only where it does not change the training (run.SAFE_ON_RESUME: out_dir, progress, device,
+    grids, checkpoint interval — applied and noted); other differences raise ValueError listing them.
+    force: start afresh even if `out_dir` holds an earlier run's checkpoint or model (replacing them); without it
+    that is a FileExistsError, raised before anything heavy runs.
     stop_at: checkpoint and return after this many optimizer steps in all (stage 1's, then stage 2's): a
     time-boxed run, resumed later by calling train again.
     new_stage2: when resuming a checkpoint whose stage 2 has not begun (a finished or time-boxed VAE), take stage
     2's recipe (STAGE2_FIELDS) from `cfg` instead of the checkpoint — one trained autoencoder, several stage 2s.
     """
-    cfg, checkpoint = open_checkpoint(cfg, resume, new_stage2)
+    cfg, checkpoint = open_checkpoint(cfg, resume, new_stage2, force)
     run = start_run(cfg, checkpoint)
     stage, step = run.restore() if checkpoint is not None else ("vae", 0)
     if stage == "vae":

@@ -4,6 +4,7 @@ parameters — small enough to train for a few dozen steps in seconds, yet the s
 - a short run from scratch lowers both stages' losses and writes a file the strict loader accepts, whose samples
   equal those of the in-training networks (reloading reproduces the samples);
 - an interrupted run resumed from its checkpoint ends exactly where the uninterrupted run does;
+  (test_train_safety.py: no pickle, no overwritten work, refused recipe changes, a save killed half-way)
 - `torchrun --nproc_per_node 2` (DDP, gloo on CPU) trains and exports (slow: two processes start up).
 """
 import os
@@ -76,7 +77,7 @@ def test_short_run_lowers_both_losses(trained):
 
 def test_reloaded_model_reproduces_the_samples(trained):
     out, history = trained
-    checkpoint = load_checkpoint(out / "ckpt.pt")
+    checkpoint = load_checkpoint(out / "ckpt.safetensors")
     config = ModelConfig.from_json(checkpoint["model_config"])
     text_encoder, unet, vae = build_models(config, seed=123)  # different init, then the trained weights
     for module, name in ((text_encoder, "text_encoder"), (unet, "unet"), (vae, "vae")):
@@ -104,12 +105,17 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, stop_at):
     whole = train(short_run(tmp_path / "whole", **changes), resume=False)
     part = train(short_run(tmp_path / "parts", **changes), resume=False, stop_at=stop_at)
     assert len(part["vae_loss"]) + len(part["loss"]) == stop_at and part["model"] is None
-    rest = train(short_run(tmp_path / "parts", **changes), resume=True)  # picks up ckpt.pt where it stopped
+    rest = train(short_run(tmp_path / "parts", **changes), resume=True)  # picks up ckpt.safetensors where it stopped
     assert rest["vae_loss"] == whole["vae_loss"] and rest["loss"] == whole["loss"]
-    a, b = load_checkpoint(tmp_path / "whole" / "ckpt.pt"), load_checkpoint(tmp_path / "parts" / "ckpt.pt")
+    a = load_checkpoint(tmp_path / "whole" / "ckpt.safetensors")
+    b = load_checkpoint(tmp_path / "parts" / "ckpt.safetensors")
     for name in ("unet", "text_encoder", "vae"):
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), f"{name}.{key} differs after resuming"
+    for index, values in a["optimizer"]["state"].items():  # AdamW's moments and step counts, and the generators
+        for field, value in values.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][field]), f"optimizer {index}.{field} differs"
+    assert all(torch.equal(x, y) for x, y in zip(a["generators"], b["generators"], strict=True))
 
 
 @pytest.mark.slow
@@ -130,7 +136,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert "world size 2" in log
     loaded = load_models(out / "model.safetensors")
     assert loaded.config.image_size == 32 and loaded.config.latent_scale != 1.0
-    history = load_checkpoint(out / "ckpt.pt")
+    history = load_checkpoint(out / "ckpt.safetensors")
     assert history["step"] == 20 and len(history["generators"]) == 2
 
 

@@ -1,8 +1,10 @@
 """What decides a training run (`TrainConfig`) and which fields stage 2 may change when resuming.
 
-A run's TrainConfig is stored in its checkpoint as JSON; resuming takes the recipe from there (see run.py), so a
-resumed run cannot silently change what it trains. `STAGE2_FIELDS` lists the fields only stage 2 reads: those may
-still change while stage 2 has not begun (`train(..., new_stage2=True)`, `--new-stage2`).
+A run's TrainConfig is stored in its checkpoint as JSON; resuming takes the recipe from there (see run.py), and a
+caller asking for a different recipe is refused with the differences listed, so a resumed run cannot silently change
+what it trains (run.SAFE_ON_RESUME lists the fields that do not change it, which the caller may set).
+`STAGE2_FIELDS` lists the fields only stage 2 reads: those may still change while stage 2 has not begun
+(`train(..., new_stage2=True)`, `--new-stage2`).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # bookkeeping
     sample_every: int = 500         # sample grid every N steps of stage 2 (0: never)
-    checkpoint_every: int = 500     # ckpt.pt every N steps (either stage)
+    checkpoint_every: int = 500     # ckpt.safetensors every N steps (either stage)
     sample_steps: int = 30          # grids use the pipeline's defaults: DPM-Solver++ 2M, 30 steps, guidance 7.5
     guidance_scale: float = 7.5
     progress: bool = True

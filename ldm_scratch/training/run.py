@@ -3,10 +3,13 @@
 Processes: a no-op unless torchrun started us (it sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*); then each process
 joins the group (gloo on CPU, nccl on CUDA), draws its own batches and DDP averages the gradients.
 
-Checkpoints: `out_dir/ckpt.pt` holds the stage and step, both configs (JSON), the three networks, the current
-stage's optimizer, every rank's generator state and the losses so far. Resuming puts all of it back, so a resumed
-run continues exactly as the uninterrupted one would (on the same device and thread count). The recipe is the
-checkpoint's, not the caller's: only where the run lives and whether it draws progress bars are the caller's.
+Checkpoints: `out_dir/ckpt.safetensors` holds the stage and step, both configs, the three networks, the current
+stage's optimizer, every rank's generator state and the losses so far — tensors plus a JSON record, no pickle
+(state.py), written atomically. Resuming puts all of it back, so a resumed run continues exactly as the
+uninterrupted one would (on the same device and thread count). The recipe is the checkpoint's: the caller may
+change only what does not alter the training (SAFE_ON_RESUME: where the run lives, progress bars, device, grids,
+checkpoint interval); any other difference is refused with the list. Work is never replaced silently: a fresh
+start in a folder that holds a run needs `force`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ from ..configs import ModelConfig
 from ..tokenizer import CLIPTokenizer
 from ..unet import UNet
 from ..vae import VAE
+from ..checkpoint import CheckpointError
 from .config import STAGE2_FIELDS, TrainConfig
+from .state import load_state, read_train_config_json, refuse_pickle, save_state
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -54,37 +59,109 @@ def wrap(module: nn.Module, world_size: int, device: torch.device) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# checkpoint files
+# checkpoint files, and what a run directory may be used for
 # ------------------------------------------------------------------------------------------------------------------
 
+CKPT_NAME = "ckpt.safetensors"
+OLD_CKPT_NAME = "ckpt.pt"           # older versions' pickle: refused, never opened
+# fields that change neither the recipe nor the data drawn: taken from the caller on resume, with a note (a new
+# device may change the last bits of the numbers, as another machine would)
+SAFE_ON_RESUME = ("out_dir", "progress", "device", "sample_every", "checkpoint_every", "sample_steps",
+                  "guidance_scale")
+
+
 def save_checkpoint(path: Path, **state) -> None:
-    """torch.save(state) to `path`, through a temporary file."""
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # an interrupted save never replaces a good checkpoint
+    """The resume state (stage, step, configs, networks, optimizer, generators, losses) as safetensors + JSON,
+    written atomically (state.py): an interrupted save leaves the previous checkpoint intact."""
+    save_state(Path(path), state)
 
 
 def load_checkpoint(path: Path) -> dict:
-    """What save_checkpoint wrote (on the CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds the config object
+    """What save_checkpoint wrote (tensors on the CPU). Never unpickles: a `.pt` file is refused (CheckpointError)."""
+    return load_state(Path(path))
 
 
-def open_checkpoint(cfg: TrainConfig, resume: bool, new_stage2: bool) -> tuple[TrainConfig, dict | None]:
-    """(the run's recipe, the checkpoint to resume from or None). With resume and `out_dir/ckpt.pt` present the
-    recipe is the checkpoint's, except out_dir and progress (so a moved run directory resumes in place) and, with
-    new_stage2 while stage 2 has not begun, the STAGE2_FIELDS, which are `cfg`'s."""
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    checkpoint = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
-    if checkpoint is None:
+def refuse_overwrite(out_dir: Path, resume: bool) -> None:
+    """A fresh start must not silently replace an earlier run's checkpoint or model (FileExistsError)."""
+    found = [name for name in (CKPT_NAME, OLD_CKPT_NAME, "model.safetensors") if (out_dir / name).is_file()]
+    if not found:
+        return
+    why = "--no-resume would start afresh over it" if not resume else "it has no checkpoint to resume from, so " \
+        "training would start afresh over it"
+    raise FileExistsError(f"--out {out_dir} already holds a run ({', '.join(found)}): {why}. Resume it (drop "
+                          f"--no-resume), choose another --out, or pass --force (train(..., force=True)) to "
+                          f"replace it")
+
+
+def compare_configs(stored: TrainConfig, given: TrainConfig, stage: str, new_stage2: bool,
+                    where: Path) -> tuple[TrainConfig, list[str]]:
+    """(the recipe to resume with, notes on what was taken from `given`). Fields in SAFE_ON_RESUME are taken from
+    `given`; STAGE2_FIELDS too with new_stage2 while stage 2 has not begun; any other difference is a ValueError
+    listing every differing field (stored → given), before anything heavy runs."""
+    changed = {f.name: (getattr(stored, f.name), getattr(given, f.name)) for f in dataclasses.fields(TrainConfig)
+               if getattr(stored, f.name) != getattr(given, f.name)}
+    if new_stage2 and stage != "vae":
+        raise ValueError(f"{where} is already in stage 2: its recipe cannot change now; drop new_stage2 "
+                         f"(--new-stage2) to resume it as it was")
+    applicable = set(SAFE_ON_RESUME) | (set(STAGE2_FIELDS) if new_stage2 else set())
+    refused = {name: change for name, change in changed.items() if name not in applicable}
+    if refused:
+        listed = "; ".join(f"{name}: {a!r} (checkpoint) vs {b!r} (given)" for name, (a, b) in refused.items())
+        hint = (" Stage 2 has not begun: --new-stage2 (new_stage2=True) takes the stage-2 fields "
+                f"({', '.join(STAGE2_FIELDS)}) from this command." if stage == "vae" and not new_stage2
+                and set(refused) & set(STAGE2_FIELDS) else "")
+        raise ValueError(f"{where} was started with another recipe: {listed}. Resuming keeps a run's recipe: pass "
+                         f"the same values (or leave those flags out), or start a new run with another --out "
+                         f"(or --no-resume --force to replace this one).{hint}")
+    same_place = Path(stored.out_dir).resolve() == Path(given.out_dir).resolve()
+    quiet = {"progress"} | ({"out_dir"} if same_place else set())  # not worth a note
+    applied = {name: change for name, change in changed.items() if name in applicable and name not in quiet}
+    notes = [f"resuming {where}: taking {name} = {b!r} from this command (checkpoint: {a!r}), safe to change on "
+             f"resume" for name, (a, b) in applied.items()]
+    return dataclasses.replace(stored, **{name: getattr(given, name) for name in changed if name in applicable}), \
+        notes
+
+
+def stored_train_config(out_dir: str | Path) -> TrainConfig | None:
+    """The TrainConfig of the run in `out_dir` (read from its checkpoint's header only), or None if it has none."""
+    path = Path(out_dir) / CKPT_NAME
+    return parse_train_config(read_train_config_json(path), path) if path.is_file() else None
+
+
+def parse_train_config(text: str, path: Path) -> TrainConfig:
+    """TrainConfig.from_json, a failure named as a damaged checkpoint (CheckpointError)."""
+    try:
+        return TrainConfig.from_json(text)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{path}: its TrainConfig is unreadable ({type(error).__name__}: {error}); the file "
+                              f"is damaged or from another version — start afresh with --no-resume --force") from None
+
+
+def open_checkpoint(cfg: TrainConfig, resume: bool, new_stage2: bool,
+                    force: bool = False) -> tuple[TrainConfig, dict | None]:
+    """(the run's recipe, the checkpoint to resume from or None), before anything heavy runs.
+
+    Fresh start (resume=False, or no checkpoint): refused if `out_dir` holds an earlier run, unless `force`.
+    Resume with `out_dir/ckpt.safetensors` present: the recipe is the checkpoint's; `cfg` may differ from it only in
+    SAFE_ON_RESUME fields (and, with new_stage2 while stage 2 has not begun, STAGE2_FIELDS), which are applied and
+    noted in checkpoint["notes"]; any other difference is refused with the list. An old pickled `ckpt.pt` is refused.
+    """
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / CKPT_NAME
+    if resume and ckpt_path.is_file():
+        checkpoint = load_checkpoint(ckpt_path)
+    elif resume and (out_dir / OLD_CKPT_NAME).is_file():
+        raise refuse_pickle(out_dir / OLD_CKPT_NAME)
+    else:
+        if not force:
+            refuse_overwrite(out_dir, resume)
         return cfg, None
-    ours = cfg
-    cfg = dataclasses.replace(TrainConfig.from_json(checkpoint["train_config"]), out_dir=cfg.out_dir,
-                              progress=cfg.progress)
-    if new_stage2:
-        if checkpoint["stage"] != "vae":
-            raise ValueError(f"{ckpt_path} is already in stage 2 (step {checkpoint['step']}): its recipe "
-                             f"cannot change now; drop new_stage2 (--new-stage2) to resume it as it was")
-        cfg = dataclasses.replace(cfg, **{name: getattr(ours, name) for name in STAGE2_FIELDS})
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; setup_distributed joins the group later
+    if len(checkpoint["generators"]) != world_size:
+        raise ValueError(f"{ckpt_path} was written by {len(checkpoint['generators'])} process(es) but this run has "
+                         f"{world_size}: resume with the same number of processes (torchrun --nproc_per_node)")
+    stored = parse_train_config(checkpoint["train_config"], ckpt_path)
+    cfg, checkpoint["notes"] = compare_configs(stored, cfg, checkpoint["stage"], new_stage2, ckpt_path)
     return cfg, checkpoint
 
 
@@ -123,7 +200,7 @@ class Run:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.out_dir / "ckpt.pt"
+        return self.out_dir / CKPT_NAME
 
     def say(self, message: str) -> None:
         """One line in log.txt (rank 0)."""
@@ -132,11 +209,7 @@ class Run:
 
     def restore(self) -> tuple[str, int]:
         """Put the checkpoint's networks, generator state, losses and model config back; (stage, step) to go on."""
-        checkpoint = self.checkpoint
-        if len(checkpoint["generators"]) != self.world_size:
-            raise ValueError(f"{self.ckpt_path} was written by {len(checkpoint['generators'])} process(es) but this "
-                             f"run has {self.world_size}: resume with the same number of processes (or pass "
-                             f"--no-resume)")
+        checkpoint = self.checkpoint  # open_checkpoint has checked it: same number of processes, same recipe
         self.vae.load_state_dict(checkpoint["vae"])
         self.text_encoder.load_state_dict(checkpoint["text_encoder"])
         self.unet.load_state_dict(checkpoint["unet"])
@@ -151,7 +224,8 @@ class Run:
             optimizer.load_state_dict(self.checkpoint["optimizer"])
 
     def checkpoint_now(self, stage: str, step: int, optimizer: torch.optim.Optimizer) -> None:
-        """Write ckpt.pt: `step` optimizer steps of `stage` are done. Every rank must call it (it gathers states)."""
+        """Write the checkpoint: `step` optimizer steps of `stage` are done. Every rank must call it (it gathers
+        states)."""
         generators = [self.generator.get_state()]
         if self.world_size > 1:  # rank 0 writes every rank's generator, so a resumed DDP run draws the same batches
             generators = [None] * self.world_size
