@@ -42,8 +42,9 @@ SCHEDULE = Schedule()
 
 
 def model(x_t, t):
-    """Not the Gaussian optimum on purpose: a t-dependent nonlinearity, so fractional t and the input scaling count."""
-    sigma = float(SCHEDULE.t_to_sigma(torch.as_tensor(t, dtype=torch.float64)))
+    """Not the Gaussian optimum on purpose: a t-dependent nonlinearity, so fractional t and the input scaling count.
+    (t is clamped for σ only so that diffusers' extra "trailing" step at t = −1 can run: see the last test.)"""
+    sigma = float(SCHEDULE.t_to_sigma(torch.as_tensor(t, dtype=torch.float64).clamp(0, 999)))
     alpha_bar = alpha_bar_from_sigma(sigma)
     return (1 - alpha_bar) ** 0.5 * (x_t - 0.3 * alpha_bar**0.5) + 0.05 * torch.sin(x_t * float(t) / 500)
 
@@ -157,16 +158,24 @@ def test_mask_blend_inpaint_trajectory(name):
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
 def test_timestep_lists_equal_diffusers(name, spacing):
-    """spaced_timesteps' rules against the schedulers they come from, exactly, for 1–60 steps and a few larger
+    """spaced_timesteps' rules against the schedulers they come from, exactly, for 1–61 steps and a few larger
     counts, steps_offset 0 and 1: integer for DDIM (DDPM and PNDM share its list), float for Euler (LMS and Heun
-    share it; diffusers keeps float32), DPM-Solver's own steps + 1 rule."""
+    share it; diffusers keeps float32), DPM-Solver's own steps + 1 rule. The one deliberate departure: where
+    diffusers' "trailing" list has steps + 1 entries, the last t = −1 (61, 103, 121, 769 here), ours stops at
+    `steps` (spaced_timesteps' docstring); every entry before it is diffusers' own."""
+    departures = 0
     for offset in (0, 1):
         sched = reference(name, timestep_spacing=spacing, steps_offset=offset)
         sampler = get_sampler(name, timestep_spacing=spacing, steps_offset=offset)
-        for steps in [*range(1, 61), 100, 250, 500]:
+        for steps in [*range(1, 62), 100, 103, 121, 250, 500, 769]:
             sched.set_timesteps(steps)
             ours = sampler.timesteps(steps) if name == "ddim" else sampler.sigmas_and_timesteps(steps)[1]
-            assert ours.astype(sched.timesteps.numpy().dtype).tolist() == sched.timesteps.tolist(), steps
+            theirs = sched.timesteps.tolist()
+            if spacing == "trailing" and len(theirs) == steps + 1:
+                assert theirs[-1] == -1, steps
+                theirs, departures = theirs[:-1], departures + 1
+            assert ours.astype(sched.timesteps.numpy().dtype).tolist() == theirs, steps
+    assert departures == (8 if spacing == "trailing" else 0)  # 4 counts × 2 offsets: the branch above does run
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m"])
@@ -186,3 +195,14 @@ def test_defaults_are_diffusers_sd15_config(name):
     theirs = run_reference(name, noise, 25, 1, sched.config.timestep_spacing, False)
     ours = get_sampler(name).sample(model, noise, 25, generator=torch.Generator().manual_seed(1))
     assert relative_difference([ours], theirs[-1:]) < TOL
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_trailing_at_a_count_where_diffusers_adds_a_step(name):
+    """61 "trailing" steps: diffusers' list has 62 entries, the last t = −1 (see spaced_timesteps). Up to the final
+    step the trajectories agree to TOL; there ours ends (at x̂₀, or ᾱ_0 for DDIM) and diffusers goes on to t = −1."""
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = run_reference(name, noise, 61, 1, "trailing", False)
+    ours = run_ours(name, noise, 61, 1, "trailing", False)
+    assert (len(ours), len(theirs)) == (61, 62)
+    assert relative_difference(ours[:60], theirs[:60]) < TOL

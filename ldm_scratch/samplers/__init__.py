@@ -13,6 +13,10 @@ Names and the diffusers scheduler each one reproduces (defaults = that scheduler
     euler_a   EulerAncestralDiscreteScheduler                 linspace, karras False
     heun      HeunDiscreteScheduler                           linspace, karras False
     dpmpp_2m  DPMSolverMultistepScheduler(dpmsolver++, order 2)  linspace, karras False
+
+Step counts: 1 … T = 1000, less where a spacing's grid would leave the trained timesteps or repeat one (e.g. 999 for
+"leading" with steps_offset 1); anything else is refused with a ValueError before the first model call, which names
+the limit (`Sampler.check_steps`, and spaced_timesteps' docstring for where diffusers differs).
 """
 
 import inspect

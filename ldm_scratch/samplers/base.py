@@ -54,20 +54,88 @@ def spaced_timesteps(steps: int, spacing: str, steps_offset: int, n_train: int =
         and its grid already stops short of its own end point, −1.
     integer: round to int64 (the DDPM family and DPM-Solver); otherwise float64 (the other σ-samplers, which
         interpolate σ at fractional t).
+
+    Every sampler runs on this list (DPM-Solver with Karras σ's excepted: dpmpp.py), so the limits live here. The
+    result is always `steps` distinct timesteps in [0, T−1]; otherwise a ValueError, raised before any model call,
+    names the problem and the largest step count that works (`grid_problem`, `max_steps`). diffusers differs:
+    - "trailing": np.arange(T, 0, −T/steps) has steps + 1 points at 62 counts ≤ T (61, 103, 121, …; float
+      rounding of the length), the extra one round(≈0) − 1 = −1. diffusers runs one more step there: the DDPM
+      family reads ᾱ[−1] = ᾱ_999 (pure noise) for it, σ-schedulers clamp t = −1 to σ_0. We keep the first
+      `steps` points: the same timesteps as diffusers at every other count, one model call fewer at these.
+    - "leading" with steps_offset 1 starts at t = T for steps = T (DPM-Solver: T − 1): diffusers indexes past ᾱ's
+      end (IndexError: DDIM, DDPM, PNDM), clamps σ (Euler, Heun) or ends non-finite (LMS, DPM-Solver). Refused.
+    - steps > T: DDIM and DDPM refuse too; PNDM runs repeated timesteps, Euler/LMS/Heun run (LMS goes non-finite
+      on "trailing", whose rounded t's repeat), DPM-Solver ends non-finite. Refused for every sampler: the model
+      knows T noise levels, and each step needs one of its own.
+    - DPM-Solver's integer "linspace" grid (steps + 1 points) repeats a timestep at steps = T: diffusers ends
+      non-finite, ours divided by the zero step (ZeroDivisionError at step 499, issue 14). Refused.
     """
     check_spacing(spacing)
-    if not 1 <= steps <= n_train:
-        raise ValueError(f"steps must be between 1 and {n_train}, got {steps}")
+    if steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    t, problem = grid_problem(steps, spacing, steps_offset, n_train, intervals, integer)
+    if problem is None:
+        return t
+    limit = max_steps(spacing, steps_offset, n_train, intervals, integer)
+    setting = f"timestep_spacing={spacing!r}, steps_offset={steps_offset}"
+    if limit == 0:
+        fix = "raise steps_offset to 0 or more" if steps_offset < 0 else "lower steps_offset"
+        raise ValueError(f"{setting} leaves no valid step count ({problem}): {fix}")
+    if steps > n_train:
+        most = "" if limit == n_train else f" (the most that {setting} allows)"
+        raise ValueError(f"steps={steps} {problem}; use steps ≤ {limit}{most}")
+    others = [s for s in SPACINGS if s != spacing and max_steps(s, steps_offset, n_train, intervals, integer) >= steps]
+    allow = "allows" if len(others) == 1 else "allow"
+    alternative = f" (or timestep_spacing {' / '.join(map(repr, others))}, which {allow} {steps})" if others else ""
+    raise ValueError(f"steps={steps} with {setting} {problem}; use steps ≤ {limit}{alternative}")
+
+
+def _grid(steps: int, spacing: str, steps_offset: int, n_train: int, intervals: bool, integer: bool) -> np.ndarray:
+    """spaced_timesteps' rule itself, unchecked (1 ≤ steps ≤ T)."""
     n = steps + 1 if intervals else steps
     if spacing == "leading":
         t = (np.arange(n) * (n_train // n))[::-1] + steps_offset
     elif spacing == "linspace":
         t = np.linspace(0, n_train - 1, n)[::-1]
-    else:
-        t = np.round(np.arange(n_train, 0, -n_train / steps)) - 1
+    else:  # arange's float step can leave a (steps + 1)-th point at ≈ 0, i.e. t = −1: keep the first `steps`
+        t = (np.round(np.arange(n_train, 0, -n_train / steps)) - 1)[:steps]
     if intervals and spacing != "trailing":
         t = t[:-1]
     return t.round().astype(np.int64) if integer else t.astype(np.float64)
+
+
+def grid_problem(steps: int, spacing: str, steps_offset: int, n_train: int, intervals: bool = False,
+                 integer: bool = False) -> tuple[np.ndarray | None, str | None]:
+    """(the grid, None) if it can be run, else (the grid or None, why not in words). A sampler needs one distinct
+    noise level per step (a repeated one is a zero step size: LMS and DPM-Solver divide by it) inside the trained
+    range [0, T−1]. More steps than T is refused before any grid is built (steps may be huge)."""
+    if steps > n_train:
+        return None, too_many_steps(n_train)
+    t = _grid(steps, spacing, steps_offset, n_train, intervals, integer)
+    if t[0] > n_train - 1:
+        return t, f"puts the first timestep at t={t[0]:g}, past the last training timestep {n_train - 1}"
+    if t[-1] < 0:
+        return t, f"puts the last timestep at t={t[-1]:g}, below the first training timestep 0"
+    if not (np.diff(t) < 0).all():
+        repeated = sorted({float(a) for a, b in zip(t[:-1], t[1:]) if a <= b}, reverse=True)[:3]
+        points = f"{steps} + 1 = {steps + 1} grid points" if intervals else f"{steps} steps"
+        return t, (f"repeats timestep(s) t={', '.join(f'{r:g}' for r in repeated)}: {points} do not fit on "
+                   f"{n_train} training timesteps with this spacing")
+    return t, None
+
+
+def too_many_steps(n_train: int) -> str:
+    return f"> {n_train} training timesteps: the model knows {n_train} noise levels, and each step needs one of its own"
+
+
+def max_steps(spacing: str, steps_offset: int, n_train: int = 1000, intervals: bool = False,
+              integer: bool = False) -> int:
+    """The largest step count ≤ T whose grid `spaced_timesteps` accepts (0 if none): what its errors suggest.
+    (Scans down from T; only ever run on the way to an error.)"""
+    for steps in range(n_train, 0, -1):
+        if grid_problem(steps, spacing, steps_offset, n_train, intervals, integer)[1] is None:
+            return steps
+    return 0
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -79,7 +147,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 
 def steps_to_run(steps: int, strength: float, img2img: bool) -> int:
     """Index of the first step that runs: 0 for txt2img; for img2img steps − min(int(steps·strength), steps)."""
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # True is an int to Python, not a count
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not img2img:
         return 0
@@ -154,6 +222,7 @@ class Sampler:
         """
         if x0 is not None and x0.shape != noise.shape:
             raise ValueError(f"x0 has shape {tuple(x0.shape)} but noise has {tuple(noise.shape)}; they must match")
+        self.check_steps(steps)
         start = steps_to_run(steps, strength, img2img=x0 is not None)
         bar = tqdm(total=steps - start, disable=not progress, desc=type(self).__name__)
 
@@ -169,6 +238,17 @@ class Sampler:
             return self._run(eps_model, noise, steps, start, x0, generator, step_done)
         finally:
             bar.close()
+
+    def check_steps(self, steps: int) -> None:
+        """Raise ValueError now, before any model call, if this sampler cannot run `steps` steps: not a positive
+        int, more steps than training timesteps, or a grid that leaves [0, T−1] or repeats a timestep (the message
+        says which, and the largest count that works). `sample` calls it first; callers may call it earlier."""
+        steps_to_run(steps, 1.0, img2img=False)
+        self.step_plan(steps)
+
+    def step_plan(self, steps: int):
+        """The levels the sampler visits for `steps` steps (timesteps, or σ's and timesteps); raises as above."""
+        raise NotImplementedError
 
     def noise_to_level(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
         """x0 noised to the level the state is at after step i of the current/last run, in the sampler's own scaling
@@ -193,6 +273,9 @@ class AlphaBarSampler(Sampler):
         """The integer timesteps visited, descending (`[steps]`)."""
         return spaced_timesteps(steps, self.timestep_spacing, self.steps_offset, self.schedule.n_train_steps,
                                 integer=True)
+
+    def step_plan(self, steps: int) -> np.ndarray:
+        return self.timesteps(steps)
 
     def _noised(self, x0, noise, alpha_bar):
         return xt_from_x0_eps(x0, noise, alpha_bar)  # x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε  (eq 4.1)
@@ -236,6 +319,9 @@ class SigmaSampler(Sampler):
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], steps)
             t = self.schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy()
         return np.append(sigmas, 0.0), t
+
+    def step_plan(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sigmas_and_timesteps(steps)
 
     def initial_scale(self, sigma_max: float) -> float:
         """What txt2img multiplies ε by. The forward process at σ_max has std √(σ_max²+1) around x_0 ≈ 0 data, but

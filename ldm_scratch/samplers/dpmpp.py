@@ -15,6 +15,9 @@ dropped, integer t (`spaced_timesteps(intervals=True, integer=True)`): "linspace
 t = round(linspace(0, T−1, N+1))[::-1][:-1]; "leading" k = T // (N+1); "trailing" as elsewhere. Karras σ's span the
 whole training range σ(0) … σ(T−1) whatever the spacing, and the model is given round(t(σ)).
 Its state is x_t = ε at the start, i.e. x_σ = √(σ_0²+1) ε here.
+Step counts: the integer grid of N + 1 points needs N + 1 distinct timesteps, so N ≤ T − 1 for "linspace" (at N = T
+a timestep repeats, h = 0, and r = h_{i−1}/h divided by zero), T − 2 for "leading" with steps_offset 1, T for
+"trailing"; Karras σ's are all distinct, so N ≤ T. Larger counts are refused before the first model call.
 Defaults = diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) from the SD v1.5
 config: spacing "linspace", no Karras.
 """
@@ -24,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from .base import SigmaSampler, karras_sigmas
+from .base import SigmaSampler, karras_sigmas, too_many_steps
 
 
 class DPMSolverPP2M(SigmaSampler):
@@ -33,6 +36,9 @@ class DPMSolverPP2M(SigmaSampler):
     def sigmas_and_timesteps(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.karras:
             return super().sigmas_and_timesteps(steps)
+        if steps > self.schedule.n_train_steps:  # Karras σ's ignore the spacing's grid, but not this limit
+            raise ValueError(f"steps={steps} {too_many_steps(self.schedule.n_train_steps)}; use steps ≤ "
+                             f"{self.schedule.n_train_steps}")
         sigmas = karras_sigmas(float(self.schedule.sigmas[0]), float(self.schedule.sigmas[-1]), steps)
         return np.append(sigmas, 0.0), self.schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy().round()
 
