@@ -13,6 +13,8 @@ from pathlib import Path
 
 
 def cmd_inspect(args) -> int:
+    """Print what a file or diffusers folder holds. A path that is neither a tensor file nor a diffusers model folder
+    (an empty folder, say) raises CheckpointError, which main turns into exit status 2."""
     from .checkpoint import describe
     print(describe(args.checkpoint))
     return 0
@@ -77,17 +79,23 @@ def parse_parameters(text: str) -> dict[str, str]:
 
 def output_paths(out: Path, count: int, force: bool, suffix: str = "") -> list[Path]:
     """`count` file names from out.png, out-1.png, out-2.png, … (with `suffix` before the numbers, e.g. -grid).
-    Without force, names that exist are skipped, so nothing is overwritten; with force, the first `count` names."""
+    Without force, names that exist are skipped, so nothing is overwritten; with force, the first `count` names
+    that are not folders (force overwrites files, never a folder)."""
     stem = out.stem + suffix
     names = (out.with_name(f"{stem}{'' if k == 0 else f'-{k}'}{out.suffix}") for k in itertools.count())
-    return list(itertools.islice((p for p in names if force or not p.exists()), count))
+    free = (p for p in names if not p.is_dir() and (force or not p.exists()))
+    return list(itertools.islice(free, count))
 
 
 def check_output(out: Path) -> Path:
-    """Before any work: the output must be a .png whose folder exists (or can be made) and is writable."""
+    """Before any work: the output must be a .png file name (not a folder) whose folder exists (or can be made)
+    and is writable."""
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: the images are PNG files (they carry the parameters); use a name ending "
                          "in .png")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder, not a file name (--force overwrites files, never a folder); "
+                         f"give a file name, e.g. --out {out / 'image.png'}")
     folder = out.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -99,23 +107,26 @@ def check_output(out: Path) -> Path:
 
 
 def save_pngs(images: list, paths: list[Path], texts: list[str]) -> None:
-    """Write every image with its `parameters` chunk to a temporary name first, then rename them all, so a failure
-    leaves no half-written or partial set of files behind."""
+    """Write every image with its `parameters` chunk to a temporary name first, then rename them all. Whatever stops
+    it (a full disk, a folder in the way, Ctrl-C) removes the temporaries, so no half-written file is left: every
+    file under its real name is whole, and an error before the renames leaves none at all."""
     from PIL.PngImagePlugin import PngInfo
-    temporaries = []
+    temporaries = [path.with_name(f".{path.name}.{os.getpid()}.partial") for path in paths]
+    written, current = 0, paths[0] if paths else None
     try:
-        for image, path, text in zip(images, paths, texts):
+        for image, temporary, current, text in zip(images, temporaries, paths, texts):
             info = PngInfo()
             info.add_text("parameters", text)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            temporaries.append(temporary)
             image.save(temporary, format="PNG", pnginfo=info)
+        for temporary, current in zip(temporaries, paths):
+            os.replace(temporary, current)
+            written += 1
     except OSError as error:
+        done = "nothing was written" if not written else f"{written} of {len(paths)} files were written"
+        raise ValueError(f"cannot write {current}: {error}; {done}") from error
+    finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
-        raise ValueError(f"cannot write {path}: {error}; nothing was written") from error
-    for temporary, path in zip(temporaries, paths):
-        os.replace(temporary, path)
 
 
 def image_grid(images: list, columns: int | None = None):
@@ -130,6 +141,22 @@ def image_grid(images: list, columns: int | None = None):
     return grid
 
 
+def check_numbers(args) -> None:
+    """Before loading: the numbers the pipeline will check anyway (arguments.py, so the CLI and the API refuse the
+    same values with the same words), checked now so a typo costs no model load."""
+    from .arguments import check_count, check_device, check_guidance, check_strength
+    from .seeds import check_seed
+    check_device(args.device)
+    check_count(args.steps, "steps")
+    check_guidance(args.guidance)
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if args.command != "generate":
+        check_strength(args.strength, args.steps)   # strength 0 is refused, as by pipe.img2img / pipe.inpaint
+    if args.seed is not None:
+        check_seed(args.seed, args.n)
+
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}
 
@@ -141,8 +168,7 @@ def cmd_generate(args) -> int:
     from .samplers import get_sampler
 
     get_sampler(args.sampler)                         # an unknown name fails before the model is loaded
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
+    check_numbers(args)
     out = check_output(Path(args.out))
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     pipe = load_pipeline(args.checkpoint, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device,
@@ -228,13 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    args = build_parser().parse_args(argv)
+    """Run a command; its exit status. A mistake in the input is one line "error: …" and status 2; Ctrl-C is one
+    line and status 130 (128 + SIGINT, as shells report it), no traceback. Files are written to a temporary name
+    and renamed when whole (save_pngs), so an interrupted command leaves no
+    half-written file."""
     try:
-        return args.run(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        from .checkpoint import CheckpointError
+        args = build_parser().parse_args(argv)
+        try:
+            return args.run(args)
+        except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

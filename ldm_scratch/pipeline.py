@@ -23,7 +23,9 @@ diffusers' order (posterior samples, then the starting noise ε, then the sample
 seed gives the same image as diffusers, on any device. The order is written down in seeds.py.
 
 Inputs are checked before any network runs: images and masks in images.py (which also turns the result into
-`output_type`), prompts, counts, strength and the sampler in arguments.py.
+`output_type`), prompts, counts, strength, guidance and the sampler in arguments.py, seeds and latents in
+seeds.py; a size whose activations would not fit in memory is refused first (arguments.check_memory: the estimate,
+the limit, and $LDM_SCRATCH_MAX_MEMORY_GB to raise it).
 
 Precision: `dtype` sets the networks' dtype (float32 default; float16/bfloat16 on devices that run them). The
 sampler's state stays float32 and is cast for each UNet call. A float16 VAE decode can overflow to inf (the
@@ -38,15 +40,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .arguments import prepare, txt2img_size
+from .arguments import check_device, check_memory, prepare, txt2img_size
 from .checkpoint import CheckpointError, load_models
 from .diffusion import classifier_free_guidance
 from .fast import install
 from .images import OUTPUT_TYPES  # noqa: F401  (kept importable from here, where it was defined before)
 from .images import check_size, default_size, images_to_tensor, load_images, masks_to_tensor, to_output
-from .seeds import make_generators, skip_draws, starting_noise
+from .seeds import check_latents, make_generators, skip_draws, starting_noise
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes.safetensors"
+# the tiny model trained here, shipped inside the package (package data) so every kind of install can generate
+BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "tiny-shapes.safetensors"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -199,9 +202,15 @@ class StableDiffusion:
         return to_output((self.decode_latents(latents) / 2 + 0.5).clamp(0, 1), output_type)  # [−1, 1] → [0, 1]
 
     # -- arguments shared by the tasks (checks: arguments.py, images.py) ------------------------------------------
-    def _prepare(self, prompt, negative_prompt, num_images, steps, sampler, output_type, strength=None):
+    def _prepare(self, prompt, negative_prompt, num_images, steps, sampler, output_type, guidance_scale,
+                 strength=None):
         """(prompts, negative prompts, batch size B, sampler), checked; see arguments.prepare."""
-        return prepare(prompt, negative_prompt, num_images, steps, sampler, output_type, self.schedule, strength)
+        return prepare(prompt, negative_prompt, num_images, steps, sampler, output_type, self.schedule, strength,
+                       guidance_scale)
+
+    def _check_memory(self, batch: int, height: int, width: int) -> None:
+        """Refuse a size whose activations cannot fit, before allocating them (arguments.check_memory)."""
+        check_memory(self.config, batch, height, width, self.vae_dtype, self.device)
 
     def _image_size(self, image, height, width) -> tuple[int, int, int, int]:
         """(H, W, h, w) for an image-to-image task: height/width default to the image's (see images.py)."""
@@ -227,9 +236,11 @@ class StableDiffusion:
         """
         self._refuse_inpainting_model("txt2img")
         prompts, negatives, batch, sampler = self._prepare(prompt, negative_prompt, num_images, steps, sampler,
-                                                           output_type)
+                                                           output_type, guidance_scale)
         factor = self.config.vae.downsample_factor
-        _, _, h, w = check_size(*txt2img_size(height, width, latents, self.config.image_size, factor), factor)
+        height, width, h, w = check_size(*txt2img_size(height, width, latents, self.config.image_size, factor),
+                                         factor)
+        self._check_memory(batch, height, width)
         generators = make_generators(batch, seed, generator)
         noise = starting_noise(latents, (batch, self.config.latent_channels, h, w), generators, self.device)
         return self._run(prompts=prompts, negative_prompts=negatives, num_images=num_images, steps=steps,
@@ -251,9 +262,11 @@ class StableDiffusion:
         """
         self._refuse_inpainting_model("img2img")
         prompts, negatives, batch, sampler = self._prepare(prompt, negative_prompt, num_images, steps, sampler,
-                                                           output_type, strength)
+                                                           output_type, guidance_scale, strength)
         images = load_images(init_image, "init_image")
-        height, width, _, _ = self._image_size(images[0], height, width)
+        height, width, h, w = self._image_size(images[0], height, width)
+        self._check_memory(batch, height, width)
+        latents = check_latents(latents, (batch, self.config.latent_channels, h, w))
         x = images_to_tensor(images, height, width, "init_image", batch)         # [K, 3, H, W] in [−1, 1]
         generators = make_generators(batch, seed, generator)
         x0 = self.encode_images(x, generators, batch)                           # drawn first
@@ -276,9 +289,11 @@ class StableDiffusion:
         noised (as img2img) instead of pure noise. Other arguments and the return value as `txt2img`.
         """
         prompts, negatives, batch, sampler = self._prepare(prompt, negative_prompt, num_images, steps, sampler,
-                                                           output_type, strength)
+                                                           output_type, guidance_scale, strength)
         images, masks = load_images(image, "image"), load_images(mask_image, "mask_image")
         height, width, h, w = self._image_size(images[0], height, width)
+        self._check_memory(batch, height, width)
+        latents = check_latents(latents, (batch, self.config.latent_channels, h, w))
         x = images_to_tensor(images, height, width, "image", batch)              # [K, 3, H, W] in [−1, 1]
         mask = masks_to_tensor(masks, height, width, batch)                      # [K, 1, H, W], 0 keep / 1 repaint
         if mask.shape[0] != x.shape[0]:
@@ -329,6 +344,7 @@ def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None
     another order; the bands sum GroupNorm's statistics in two passes): on the bundled tiny model, max |fast −
     plain| over [0, 1] pixels was 2.8e-5 at 64² and 6.2e-5 at 128² (4 steps; tests/test_pipeline.py).
     """
+    check_device(device)                              # before loading: cuda without CUDA fails here, clearly
     if path is None:
         path = BUNDLED_MODEL
         if not path.is_file():

@@ -13,7 +13,8 @@
     txt2img:  the starting noise ε
   then whatever the sampler draws per step (ancestral samplers). With one generator each draw covers the batch.
 - Noise is drawn in float32 on the generator's device (the CPU unless you pass a CUDA generator) and then moved,
-  so a seed gives the same image on every device. `latents=` gives ε explicitly and overrides the seed for it.
+  so a seed gives the same image on every device. `latents=` gives ε explicitly (a tensor, or a numpy array) and
+  overrides the seed for it.
 
 The pipeline (pipeline.py) makes these draws in this order; the posterior samples themselves are drawn by
 `DiagonalGaussian.sample(generator)` in vae.py, through `StableDiffusion.encode_images`.
@@ -26,6 +27,9 @@ import numpy as np
 import torch
 
 from .samplers.base import draw_noise
+
+SEED_MAX = 2**64 - 1   # torch.Generator.manual_seed takes a 64-bit seed (it also wraps negatives, refused here)
+
 
 def make_generators(batch: int, seed, generator) -> torch.Generator | list[torch.Generator]:
     """One torch.Generator for the whole batch, or a list with one per image (see the module docstring)."""
@@ -40,11 +44,18 @@ def make_generators(batch: int, seed, generator) -> torch.Generator | list[torch
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
         return generator
-    if seed is None:
-        seed = random.randrange(2**32)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return [torch.Generator().manual_seed(int(seed) + i) for i in range(batch)]
+    seed = random.randrange(2**32) if seed is None else check_seed(seed, batch)
+    return [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+
+
+def check_seed(seed, batch: int = 1) -> int:
+    """A seed for a batch of `batch` images: an int with seed + batch − 1 ≤ 2**64 − 1 (image i uses seed + i)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int in 0 … 2**64 − 1, got {seed!r} ({type(seed).__name__})")
+    if not 0 <= int(seed) <= SEED_MAX - (batch - 1):
+        raise ValueError(f"seed must be an int in 0 … 2**64 − 1 (torch.Generator's range; image i of the batch "
+                         f"uses seed + i, so here at most 2**64 − {batch}), got {seed!r}")
+    return int(seed)
 
 
 def starting_noise(latents, shape: tuple, generators, device: torch.device) -> torch.Tensor:
@@ -52,10 +63,25 @@ def starting_noise(latents, shape: tuple, generators, device: torch.device) -> t
     drawn on the generator's device (row i from generator i when there is one per image) and moved."""
     if latents is None:
         return draw_noise(torch.empty(shape, device=device), generators)
-    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape):
+    return check_latents(latents, shape).to(device, torch.float32)
+
+
+def check_latents(latents, shape: tuple):
+    """None, or `latents` checked to be finite noise of `shape` [B, 4, h, w], as a tensor (the pipeline calls this
+    before encoding any image, so a wrong shape fails before the VAE runs)."""
+    if latents is None:
+        return None
+    if isinstance(latents, np.ndarray):                      # accepted: the same numbers as torch.from_numpy
+        latents = torch.from_numpy(np.asarray(latents, dtype=np.float32))
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch tensor (or a numpy array) of shape {list(shape)}, got "
+                        f"{type(latents).__name__}")
+    if tuple(latents.shape) != tuple(shape):
         raise ValueError(f"latents must be a tensor of shape {list(shape)} (batch, {shape[1]}, height/8, "
-                         f"width/8); got {list(getattr(latents, 'shape', [])) or type(latents).__name__}")
-    return latents.to(device, torch.float32)
+                         f"width/8); got {list(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents hold NaN or inf; give finite noise, e.g. torch.randn(shape, generator=g)")
+    return latents
 
 
 def skip_draws(shape: tuple, generators) -> None:

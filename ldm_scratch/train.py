@@ -1,7 +1,7 @@
 """Train a latent diffusion model from scratch on the captioned-shapes data: the recipe, stage by stage.
 
-This is how the bundled `weights/tiny-shapes.safetensors` was made, with the very same `clip.py`, `unet.py` and
-`vae.py` classes that load the official SD v1 weights, only narrower (`configs.tiny_config()`).
+This is how the bundled `ldm_scratch/bundled/tiny-shapes.safetensors` was made, with the very same `clip.py`,
+`unet.py` and `vae.py` classes that load the official SD v1 weights, only narrower (`configs.tiny_config()`).
 
     python -m ldm_scratch.train --out runs/tiny                       # or: ldm-scratch train --out runs/tiny
     torchrun --nproc_per_node 2 -m ldm_scratch.train --out runs/ddp   # data-parallel (gloo on CPU, nccl on GPU)

@@ -13,6 +13,11 @@ or come ready-made as a Hugging Face / diffusers `tokenizer/` folder (vocab.json
 looks for them in the order `tokenizer.load_tokenizer` documents: a folder or file you give, else the user cache
 ($LDM_SCRATCH_CACHE or ~/.cache/ldm_scratch), filled once from the `clip-anytorch` wheel on PyPI and checked
 against the file's sha256.
+
+A wrong vocabulary gives wrong ids without any error, so every source is checked (`CorruptVocabularyError`, saying
+how to get the original back): the cached file by its sha256 on every use (a damaged one is reported, never
+silently replaced), and every merge list by its order (`check_merge_order`: each merge builds on earlier ones, and a
+list of CLIP's length must be CLIP's), which catches a merges.txt with lines moved or swapped.
 """
 from __future__ import annotations
 
@@ -36,11 +41,19 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 OPENAI_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+# sha256 of CLIP's 48,894 merges written "a b", one per line, joined by "\n" (no header, no final newline): the
+# same for OpenAI's .gz and a Hugging Face merges.txt (any line endings), so either file is checked by content.
+CLIP_MERGES_SHA256 = "f61f2adf497e6f5357c347aeb4646fabe82f341e946de5bdec5d2858e41bef4a"
 CLIP_WHEEL = "clip-anytorch==2.6.0"    # a PyPI wheel of OpenAI's CLIP repository that carries the merges file
 
 
 class VocabularyNotFoundError(FileNotFoundError):
     """No BPE vocabulary could be found or fetched; the message says where we looked and how to fix it."""
+
+
+class CorruptVocabularyError(VocabularyNotFoundError):
+    """A vocabulary file that exists but is damaged or reordered (a wrong sha256, merges out of order); the
+    message says how to get the original back."""
 
 
 class Vocabulary(NamedTuple):
@@ -104,6 +117,7 @@ def read_openai_vocabulary(path: str | os.PathLike) -> tuple[dict[str, int], lis
     merges = [tuple(line.split()) for line in lines[1:1 + N_MERGES]]
     if len(merges) < N_MERGES or any(len(m) != 2 for m in merges):
         raise VocabularyNotFoundError(not_it)
+    check_merge_order(merges, path)
     byte_chars = list(BYTE_TO_CHAR.values())
     tokens = byte_chars + [c + END_OF_WORD for c in byte_chars] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
     return {token: i for i, token in enumerate(tokens)}, merges
@@ -116,15 +130,67 @@ def read_hf_vocabulary(vocab_json: str | os.PathLike, merges_txt: str | os.PathL
     vocab.json maps token → id; merges.txt is "#version: …" then one merge per line (CLIP's has 48,894; only that
     many are read, as transformers does, so a longer file behaves like CLIP).
     """
-    encoder = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-    lines = Path(merges_txt).read_text(encoding="utf-8").strip().split("\n")
+    encoder = _read_json(vocab_json, "vocab.json maps each token to its id")
+    if not all(isinstance(t, str) and isinstance(i, int) and not isinstance(i, bool) for t, i in encoder.items()):
+        raise CorruptVocabularyError(f"{vocab_json} is not a vocabulary: vocab.json maps each token (a string) to "
+                                     "its id (a whole number). Use the tokenizer/ folder of the model.")
+    try:
+        lines = Path(merges_txt).read_text(encoding="utf-8").strip().split("\n")
+    except UnicodeDecodeError as error:
+        raise CorruptVocabularyError(f"{merges_txt} is not UTF-8 text ({error}); use the tokenizer/ folder of "
+                                     "the model") from None
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     merges = [tuple(line.split()) for line in lines[:N_MERGES] if line.strip()]
     bad = [m for m in merges if len(m) != 2]
     if bad:
         raise VocabularyNotFoundError(f"{merges_txt} has lines that are not one merge 'a b': {bad[:3]}")
+    check_merge_order(merges, merges_txt)
+    absent = [a + b for a, b in merges if a + b not in encoder]
+    if absent:
+        raise CorruptVocabularyError(f"{vocab_json} lacks {len(absent)} token(s) that {Path(merges_txt).name} makes, "
+                                     f"e.g. {absent[:3]}: the two files do not belong together. Use the vocab.json "
+                                     "and merges.txt of the same tokenizer/ folder.")
     return encoder, merges
+
+
+def check_merge_order(merges: list[tuple[str, str]], source) -> None:
+    """Refuse merges that are reordered or edited: the rank order IS the tokenizer (BPE applies the lowest-ranked
+    pair first), so such a list gives other ids without any error. Two checks, ~60 ms for CLIP's list:
+
+    1. every merge joins two symbols that already exist: byte characters (with or without `</w>`) or the result of
+       an EARLIER merge — true of any list BPE learned, false once a merge is moved above the one making its part;
+    2. a list of CLIP's length must be CLIP's, by the sha256 of its lines (catches two independent lines swapped).
+    """
+    known = set(BYTE_TO_CHAR.values()) | {c + END_OF_WORD for c in BYTE_TO_CHAR.values()}
+    fix = ("Use the original file (delete a damaged cached copy; it is fetched again), or call load_tokenizer() "
+           "without a path to use the cached OpenAI vocabulary.")
+    for rank, (a, b) in enumerate(merges):
+        part = a if a not in known else b if b not in known else None
+        if part is not None:
+            raise CorruptVocabularyError(
+                f"{source}: merge {rank + 1} '{a} {b}' joins '{part}', which neither the byte alphabet nor an earlier "
+                f"merge makes: the merge lines are reordered or edited, and BPE would give wrong ids. {fix}")
+        known.add(a + b)
+    if len(merges) == N_MERGES:
+        digest = _sha256("\n".join(f"{a} {b}" for a, b in merges).encode("utf-8"))
+        if digest != CLIP_MERGES_SHA256:
+            raise CorruptVocabularyError(
+                f"{source}: its {N_MERGES:,} merges are not CLIP's in CLIP's order (sha256 of the merge lines "
+                f"{digest}, CLIP's is {CLIP_MERGES_SHA256}): lines swapped or edited? The order is the merge "
+                f"priority, so the ids would silently differ. {fix}")
+
+
+def _read_json(path, what: str) -> dict:
+    """A JSON object from a tokenizer file, or CorruptVocabularyError naming the file and what it should hold."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptVocabularyError(f"{path} is not valid JSON ({error}); {what}. Use the tokenizer/ folder "
+                                     "of the model.") from None
+    if not isinstance(data, dict):
+        raise CorruptVocabularyError(f"{path} holds {type(data).__name__}, not a JSON object; {what}.")
+    return data
 
 
 def _hf_pad_id(folder: Path, encoder: dict[str, int]) -> int | None:
@@ -132,7 +198,7 @@ def _hf_pad_id(folder: Path, encoder: dict[str, int]) -> int | None:
     special = folder / "special_tokens_map.json"
     if not special.is_file():
         return None
-    pad = json.loads(special.read_text(encoding="utf-8")).get("pad_token")
+    pad = _read_json(special, "special_tokens_map.json names the special tokens").get("pad_token")
     if isinstance(pad, dict):
         pad = pad.get("content")
     return encoder.get(pad) if isinstance(pad, str) else None
@@ -173,7 +239,14 @@ def fetch_openai_vocabulary() -> Path:
     processes at once never leave a half-written file under the real name.
     """
     target = cache_dir() / OPENAI_VOCAB_FILE
-    if target.is_file() and _sha256(target.read_bytes()) == OPENAI_VOCAB_SHA256:
+    if target.is_file():
+        digest = _sha256(target.read_bytes())
+        if digest != OPENAI_VOCAB_SHA256:   # never replaced behind the user's back: say so, and how to refill it
+            raise CorruptVocabularyError(
+                f"the cached vocabulary {target} is damaged: its sha256 is {digest}, OpenAI's file has "
+                f"{OPENAI_VOCAB_SHA256}. Delete it (rm '{target}') and run `ldm-scratch tokenize \"a cat\"` with "
+                f"internet access to fetch it again ({CLIP_WHEEL} from PyPI), or put the original "
+                f"{OPENAI_VOCAB_FILE} there.")
         return target
     print(f"ldm_scratch: fetching CLIP's BPE merges once ({CLIP_WHEEL} from PyPI) into {target.parent}",
           file=sys.stderr)
@@ -260,6 +333,8 @@ def find_vocabulary(path: str | os.PathLike | tuple | None = None) -> Vocabulary
             raise VocabularyNotFoundError(f"{path} does not exist. {_how_to_fix(cache_dir())}")
     try:
         return Vocabulary(*read_openai_vocabulary(fetch_openai_vocabulary()))
+    except CorruptVocabularyError:
+        raise                                   # a damaged cache: its own message says how to refill it
     except VocabularyNotFoundError as err:
         raise VocabularyNotFoundError(f"no CLIP BPE vocabulary: none was given and none is cached at "
                                       f"{cache_dir() / OPENAI_VOCAB_FILE}; downloading it failed: {err}\n"

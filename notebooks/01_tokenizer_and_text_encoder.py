@@ -165,7 +165,7 @@ assert cut.shape == (1, CONTEXT_LENGTH) and cut[0, 0] == BOS_ID and cut[0, -1] =
 # narrower), not CLIP's single pooled vector. Below: the text encoder of the bundled tiny model.
 
 # %%
-pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, weights/tiny-shapes.safetensors (13 MB)
+pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, ldm_scratch/bundled/ (13 MB)
 config, tokenizer, text_encoder, unet, vae = pipe.config, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
 for module in (text_encoder, unet, vae):
     module.eval().requires_grad_(False)   # inference only: no gradients to keep

@@ -111,7 +111,7 @@ show_row([sched.q_sample(x0, t_, eps)[0] for t_ in ts], [f"t={t_}" for t_ in ts]
 # reconstruction error, measured in notebook 4.)
 
 # %%
-pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, weights/tiny-shapes.safetensors (13 MB)
+pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, ldm_scratch/bundled/ (13 MB)
 config, tokenizer, text_encoder, unet, vae = pipe.config, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
 for module in (text_encoder, unet, vae):
     module.eval().requires_grad_(False)   # inference only: no gradients to keep

@@ -171,7 +171,7 @@ plt.show()
 # `pipe.txt2img(..., sampler=name, callback=...)` does inside (`ldm_scratch/pipeline.py`).
 
 # %%
-pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, weights/tiny-shapes.safetensors (13 MB)
+pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, ldm_scratch/bundled/ (13 MB)
 config, tokenizer, text_encoder, unet, vae = pipe.config, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
 for module in (text_encoder, unet, vae):
     module.eval().requires_grad_(False)   # inference only: no gradients to keep

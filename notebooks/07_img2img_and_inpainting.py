@@ -42,7 +42,7 @@ torch.manual_seed(0)
 torch.set_num_threads(1)
 
 # %%
-pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, weights/tiny-shapes.safetensors (13 MB)
+pipe = ldm_scratch.load_pipeline()      # the bundled tiny model, ldm_scratch/bundled/ (13 MB)
 config, tokenizer, text_encoder, unet, vae = pipe.config, pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
 for module in (text_encoder, unet, vae):
     module.eval().requires_grad_(False)   # inference only: no gradients to keep

@@ -1,6 +1,6 @@
 """Grade the tiny model with the pixel checker: does "a purple ring on a white background" give a purple ring on white?
 
-    python3 scripts/eval_tiny.py                                   # the bundled weights/tiny-shapes.safetensors
+    python3 scripts/eval_tiny.py                                   # the bundled ldm_scratch/bundled/tiny-shapes.safetensors
     python3 scripts/eval_tiny.py runs/tiny/model.safetensors --seeds 4 --seen 30 --guidance 1 3 5 7.5
     python3 scripts/eval_tiny.py --reconstruction 400               # the autoencoder alone: checker on D(E(x))
 

@@ -95,6 +95,8 @@ def test_forward_is_the_docstring_equations(clip_skip):
 
 def test_quick_gelu_is_the_sigmoid_approximation_of_gelu():
     x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
+    # two formulas (torch's sigmoid kernel, exp) in float64: measured max relative difference 4.4e-16 (2 ulps);
+    # 1e-14 leaves room for other CPUs' vector exp; a wrong constant (1.7 for 1.702) is off by up to 2.4e-2 relative
     torch.testing.assert_close(quick_gelu(x), x / (1 + torch.exp(-1.702 * x)), rtol=1e-14, atol=1e-300)
     # the docstring's claim "differ by < 0.021" — and they do differ, so exact GELU would be a (small) bug
     gap = (quick_gelu(x) - F.gelu(x)).abs().max().item()
@@ -109,6 +111,8 @@ def test_attention_is_causal():
     changed[0, 10] = 1234
     with torch.no_grad():
         a, b = model(ids), model(changed)
+    # float64; the masked keys get weight exactly 0, so the earlier rows are in practice bit-identical: 1e-12 (on
+    # outputs ~4) only allows another kernel's rounding, while a leaking mask moves them by ≥ 1e-6 (asserted below)
     torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-12)
     assert (a[:, 10:] - b[:, 10:]).abs().amax(-1).min() > 1e-6  # every later position sees the change
 

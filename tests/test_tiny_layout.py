@@ -11,11 +11,11 @@ from ldm_scratch.checkpoint import (SINGLE_FILE_PREFIXES, TensorFile, UNetLayout
                                     unet_keymap)
 from ldm_scratch.clip import CLIPTextConfig
 from ldm_scratch.configs import ModelConfig
+from ldm_scratch.pipeline import BUNDLED_MODEL as BUNDLED
 from ldm_scratch.unet import UNetConfig
 from ldm_scratch.vae import VAEConfig
 from tinymodels import random_networks
 
-BUNDLED = Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes.safetensors"
 UNET = SINGLE_FILE_PREFIXES["unet"]
 
 
@@ -110,8 +110,10 @@ def test_bundled_file_loads_in_diffusers_and_computes_the_same():
         image = ours.vae.decode(z)
         their_image = vae.decode(z).sample
     # Measured on the development CPU (3 seeds): bit-identical, max |ours − theirs| = 0 for all three (scales:
-    # context ~3.5, ε̂ ~6, image ~1.9) — same float32 operations in the same order. The bound allows a different
-    # summation order (other CPUs' kernels, thread counts): float32 rounding, 1e-6 of each output's scale.
+    # context ~3.5, ε̂ ~6, image ~1.9) — same float32 operations in the same order. Another CPU's kernels may sum
+    # in another order: running our UNet and VAE in channels_last (another conv order) against diffusers, same 3
+    # seeds, gives max |Δ| / max |theirs| 4.7e-7…6.6e-7 (ε̂) and 1.9e-6…3.3e-6 (image). So 1e-5 of each output's
+    # scale (3× the worst); wrong weights, a swapped block or a missing mask give differences of order 1.
     for what, a, b in (("context", context, their_context), ("ε̂", eps, their_eps), ("image", image, their_image)):
         assert a.shape == b.shape, what
-        assert (a - b).abs().max() <= 1e-6 * b.abs().max(), (what, (a - b).abs().max().item())
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (what, (a - b).abs().max().item())

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..configs import METADATA_KEY, ModelConfig
-from .keymap import (DIFFUSERS_CLIP_RULES, EMA_PREFIX, IGNORED_KEYS, clip_config_from_shapes, diffusers_levels,
-                     diffusers_unet_rules, diffusers_vae_rules, ema_key, map_component, map_single_file,
-                     unet_config_from_shapes, vae_config_from_shapes)
+from .keymap import (DIFFUSERS_CLIP_RULES, EMA_PREFIX, IGNORED_KEYS, SINGLE_FILE_PREFIXES, clip_config_from_shapes,
+                     diffusers_levels, diffusers_unet_rules, diffusers_vae_rules, ema_key, map_component,
+                     map_single_file, unet_config_from_shapes, vae_config_from_shapes)
 from .tensor_file import CheckpointError, TensorFile, key_list, read_json
 
 
@@ -72,23 +72,34 @@ UNSUPPORTED = {
     "sd-v2": "a Stable Diffusion 2.x checkpoint (OpenCLIP ViT-H text encoder, 1024-wide cross-attention)",
     "sd-v2-inpainting": "a Stable Diffusion 2.x inpainting checkpoint",
     "sdxl": "a Stable Diffusion XL checkpoint (two text encoders, a different UNet)",
-    "vae-only": "a standalone VAE file, not a whole model",
+    "vae-only": "a standalone VAE only (encoder.* / first_stage_model.*): no UNet and no text encoder",
+    "unet-only": "a UNet only (model.diffusion_model.*, or a diffusers unet/ file): no VAE and no text encoder",
+    "text-encoder-only": "a CLIP text encoder only (cond_stage_model.* or text_model.*): no UNet and no VAE",
     "unknown": "not a Stable Diffusion checkpoint we recognise",
 }
+PARTS = ("vae-only", "unet-only", "text-encoder-only")  # one network of a model, not a whole one
 
 
 def identify(shapes: dict[str, tuple]) -> str:
-    """Name the kind of a single-file checkpoint from its keys and shapes:
-    'sd-v1', 'sd-v1-inpainting', 'sd-v2', 'sd-v2-inpainting', 'sdxl', 'vae-only' or 'unknown'."""
+    """Name the kind of a single-file checkpoint from its keys and shapes: 'sd-v1', 'sd-v1-inpainting', 'sd-v2',
+    'sd-v2-inpainting', 'sdxl', one network alone ('vae-only', 'unet-only', 'text-encoder-only') or 'unknown'."""
     if any(k.startswith("conditioner.embedders.") for k in shapes):
         return "sdxl"  # SDXL keeps its two text encoders under conditioner.embedders.{0,1}
+    if UNET_INPUT_CONV in shapes and not any(k.startswith(("first_stage_model.", "cond_stage_model.")) for k in shapes):
+        return "unet-only"
+    if "conv_in.weight" in shapes and "time_embedding.linear_1.weight" in shapes:
+        return "unet-only"  # a diffusers unet/diffusion_pytorch_model.safetensors passed on its own
     if UNET_INPUT_CONV in shapes:
-        inpainting = shapes[UNET_INPUT_CONV][1] == 9  # 4 latent + 1 mask + 4 masked-image latent channels
+        second = lambda key, default: tuple(shapes.get(key, (0, default)))[1:2] or (None,)  # a damaged file: any rank
+        inpainting = second(UNET_INPUT_CONV, 4)[0] == 9  # 4 latent + 1 mask + 4 masked-image latent channels
         v2 = (any(k.startswith("cond_stage_model.model.") for k in shapes)  # OpenCLIP ViT-H text tower
-              or shapes.get(UNET_CROSS_ATTN_K, (0, 768))[1] == 1024)
+              or second(UNET_CROSS_ATTN_K, 768)[0] == 1024)
         return ("sd-v2" if v2 else "sd-v1") + ("-inpainting" if inpainting else "")
     if any(k.startswith(("encoder.", "first_stage_model.encoder.")) for k in shapes):
         return "vae-only"
+    weights = [k for k in shapes if k not in IGNORED_KEYS]
+    if weights and all(k.startswith(("cond_stage_model.", "text_model.")) for k in weights):
+        return "text-encoder-only"  # CompVis' text side cut out of a model, or transformers' CLIPTextModel file
     return "unknown"
 
 
@@ -96,10 +107,20 @@ def plan_single_file(shapes: dict[str, tuple], metadata: dict[str, str], path: P
     """Decide, from names and shapes alone, which file tensor fills which parameter of which network, and the
     config. Returns ({network: {our name → file key}}, ModelConfig). Raises before any weight is read."""
     kind = identify(shapes)
+    if kind in PARTS:
+        raise CheckpointError(f"{path} is not a whole Stable Diffusion checkpoint: it holds {UNSUPPORTED[kind]}. "
+                              "Loading needs the UNet, the VAE and the text encoder together: an SD v1 single file "
+                              "(e.g. v1-5-pruned-emaonly.safetensors) or a diffusers folder.")
     if kind not in ("sd-v1", "sd-v1-inpainting"):
         raise CheckpointError(f"{path} is {UNSUPPORTED[kind]}; ldm_scratch supports SD v1.x only for now "
                               "(v1-4, v1-5, v1-5-inpainting and their fine-tunes). Run `ldm-scratch inspect` on it "
                               "for details.")
+    absent = [f"{network} ({prefix}*)" for network, prefix in SINGLE_FILE_PREFIXES.items()
+              if not any(k.startswith(prefix) for k in shapes)]
+    if absent:
+        raise CheckpointError(f"{path} is an incomplete SD v1 checkpoint: it has no {' and no '.join(absent)}. "
+                              "Loading needs the UNet, the VAE and the text encoder together in one file.")
+    config = config_from_metadata(metadata, path)   # our own files: checked before any weight is read
     mappings = map_single_file(shapes)
     _check_nothing_left_over(shapes, mappings, path)
     if use_ema:
@@ -110,11 +131,24 @@ def plan_single_file(shapes: dict[str, tuple], metadata: dict[str, str], path: P
         if missing:
             raise CheckpointError(f"{path}: EMA copies missing for {len(missing)} UNet tensors: {key_list(missing)}")
         mappings["unet"] = {ours: ema_key(key) for ours, key in mappings["unet"].items()}
-    if METADATA_KEY in metadata:  # our own files (the bundled tiny model) carry their config
-        return mappings, ModelConfig.from_json(metadata[METADATA_KEY])
+    if config is not None:
+        return mappings, config
     parts = {network: from_shapes({ours: shapes[key] for ours, key in mappings[network].items()})
              for network, (_, from_shapes, _) in _network_classes().items()}
     return mappings, ModelConfig(**parts, kind=kind, name=path.stem)
+
+
+def config_from_metadata(metadata: dict[str, str], path: Path) -> ModelConfig | None:
+    """The `ModelConfig` our own files (the bundled tiny model, training exports) carry in their metadata, checked
+    field by field (configs.py); None for a file without one (official files: the config comes from the shapes)."""
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        return ModelConfig.from_json(metadata[METADATA_KEY])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata (the model's config) is invalid: {error}. The "
+                              "file was edited or written by another tool; re-export it with ldm_scratch "
+                              "(checkpoint.save_official) or download it again.") from None
 
 
 def _check_nothing_left_over(shapes: dict[str, tuple], mappings: dict[str, dict[str, str]], path: Path) -> None:
