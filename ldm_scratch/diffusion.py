@@ -60,7 +60,8 @@ def _broadcast(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # `alpha_bar` (ᾱ_t) is a Python float or a tensor that broadcasts against `[B, C, h, w]` (`[B, 1, 1, 1]`, or a
 # scalar). The arithmetic happens in what is given: a float keeps the coefficients in float64 (the samplers), a tensor
 # in its own dtype (Schedule's methods cast ᾱ to x's dtype first). The operation order is the one the samplers had
-# when their parity with diffusers was measured, so moving them here changed no bit (`x ** 0.5` ≡ `x.sqrt()`).
+# when their parity with diffusers was measured, so moving them here changed no bit. (For tensors `x ** 0.5` is
+# `x.sqrt()` exactly; for a Python float it is the C library's pow, which can differ from sqrt in the last bit.)
 
 def xt_from_x0_eps(x0, eps, alpha_bar):
     """The forward process with a given noise (eq 4.1)."""
