@@ -34,8 +34,7 @@ def prepare(prompt, negative_prompt, num_images, steps, sampler, output_type, sc
     if strength is not None:
         check_strength(strength, steps)
     sampler = as_sampler(sampler, schedule)
-    if hasattr(sampler, "check_steps"):   # a step count this sampler cannot run fails here, before the VAE encodes
-        sampler.check_steps(steps)
+    sampler.check_steps(steps)            # a step count this sampler cannot run fails here, before the VAE encodes
     return prompts, negative_prompts, len(prompts) * num_images, sampler
 
 

@@ -70,7 +70,7 @@ from .vae import VAE
 from .training.config import STAGE2_FIELDS, TrainConfig
 from .training.dataset import encode_training_set, latent_std, render_training_set, to_model_range, tokenize_all
 from .training.run import Run, load_checkpoint, open_checkpoint, save_checkpoint, setup_distributed, wrap
-from .training.state import write_atomically
+from .files import write_atomically
 from .training.sampling import GRID_CAPTIONS, generate, sample_grid, save_grid
 from .training.command import add_train_arguments, cmd_train, train_main as main  # the `train` command
 

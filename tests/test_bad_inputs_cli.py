@@ -129,7 +129,10 @@ def test_a_failing_rename_leaves_no_partial_file(monkeypatch, tmp_path):
 
 def test_a_real_sigint_exits_130_without_a_traceback(tmp_path):
     """The real signal path (POSIX): a child process running `ldm-scratch inspect` (made to wait) gets SIGINT."""
-    script = ("import sys, time\n"
+    # Python turns SIGINT into KeyboardInterrupt only if SIGINT was not ignored when it started; a shell's background
+    # job (CI runners, `cmd &`) starts with it ignored. A terminal's foreground process has the handler: install it.
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               "import ldm_scratch.checkpoint as checkpoint\n"
               "from ldm_scratch.cli import main\n"
               "def describe(path):\n"

@@ -18,7 +18,7 @@ MAX_LINES = 400
 
 # Lowest first. A module may import from its own layer and the layers before it, never from a later one.
 LAYERS = [
-    ("foundations", {"attention", "diffusion", "vocabulary", "images", "data", "fast.memory"}),
+    ("foundations", {"attention", "diffusion", "vocabulary", "images", "data", "fast.memory", "files"}),
     ("networks and text", {"clip", "unet", "vae", "tokenizer", "samplers"}),
     ("configs", {"configs"}),
     ("files and speed", {"checkpoint", "fast", "seeds", "arguments"}),

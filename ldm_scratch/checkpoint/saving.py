@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from ..configs import METADATA_KEY, ModelConfig
+from ..files import replacing
 from .keymap import SINGLE_FILE_PREFIXES, KeyMap, UNetLayout, single_file_keymaps
 from .tensor_file import CheckpointError, key_list, read_json
 
@@ -47,7 +48,6 @@ def save_official(path: str | os.PathLike, text_encoder: nn.Module, unet: nn.Mod
             if network == "vae" and tensor.dim() == 2:
                 tensor = tensor[:, :, None, None]  # the VAE's attention: our Linear [o, i] is a 1×1 conv officially
             tensors[SINGLE_FILE_PREFIXES[network] + official] = tensor.contiguous()
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: config.to_json()})
-    os.replace(tmp, path)  # never leave a half-written file under the real name
+    with replacing(path) as tmp:                     # never a half-written file under the real name
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: config.to_json()})
     return path

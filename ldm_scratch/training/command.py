@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ..train import train
-    from .state import write_atomically
+    from ..files import write_atomically
     export = check_export(args.export, args.force)
     cfg = config_from_flags(args)
     if args.threads:

@@ -13,58 +13,21 @@ the rest of the state is JSON, read with `json.loads`: loading can build tensors
                                                               the number of generators, the losses so far
 
 Floats go through JSON as Python's repr, which reads back to the same double, so a resumed run's loss history is
-bit-identical. Files are written atomically (write_atomically): a crash mid-save leaves the previous checkpoint.
+bit-identical. Files are written atomically (files.write_atomically): a crash mid-save leaves the previous checkpoint.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CheckpointError
+from ..files import write_atomically
 
 STATE_KEY = "ldm_scratch.train_state"
 FORMAT_VERSION = 1
 NETWORKS = ("vae", "text_encoder", "unet")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# writing files so that a crash never leaves a half-written file under the real name
-# ------------------------------------------------------------------------------------------------------------------
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` all or nothing: a temporary file in the same folder (so the rename stays on one file
-    system), flushed and fsync'ed (its bytes are on disk before its name is), then os.replace (atomic on POSIX and
-    Windows), then the folder fsync'ed (the new name itself is durable). Killed at any point, `path` holds either
-    the old bytes or the new ones; at worst a stale `<name>.partial` is left, which nothing reads."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    sync_folder(path.parent)
-
-
-def sync_folder(folder: Path) -> None:
-    """fsync a folder so a rename in it survives a power cut (POSIX; Windows cannot open folders: nothing to do)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------------------------
