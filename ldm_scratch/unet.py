@@ -41,10 +41,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
-from .attention import attention
+from .spatial_transformer import SpatialTransformer, TransformerBlock  # noqa: F401  (TransformerBlock: kept importable here)
 
 
 @dataclass
@@ -73,13 +72,6 @@ class UNetConfig:
     def time_dim(self) -> int:
         """Width of the timestep MLP's output, 4 · model_channels (1280)."""
         return 4 * self.model_channels
-
-
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout x is stored in. `unet.to(memory_format=torch.channels_last)` makes every activation [B, C, h, w]
-    live as [B, h, w, C] in memory (faster convolutions and GroupNorms on CPU, measured in scripts/benchmark.py);
-    the forward keeps whichever layout it is given instead of converting back and forth."""
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,100 +137,6 @@ class ResBlock(nn.Module):
         h += self.time_proj(F.silu(emb))[:, :, None, None]           # [B, C_out] broadcast over h × w
         h = self.conv2(F.silu(self.norm2(h), inplace=True))
         return h.add_(self.skip(x))                                  # skip(x) + h
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SpatialTransformer: attention over the latent's pixels and over the prompt
-# ---------------------------------------------------------------------------------------------------------------
-
-class Attention(nn.Module):
-    """Multi-head attention: queries from x [B, N, C], keys and values from `context` [B, M, D] (x itself when
-    None: self-attention).  out = to_out(softmax(Q Kᵀ / √d_head) V), Q = x W_q, K = context W_k, V = context W_v.
-    The projections have no bias (as trained); to_out does."""
-
-    def __init__(self, dim: int, n_heads: int, context_dim: int | None = None):
-        super().__init__()
-        context_dim = context_dim or dim
-        self.n_heads = n_heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.n_heads))
-
-
-class GEGLUFeedForward(nn.Module):
-    """The transformer's MLP with a gated GELU (Shazeer 2020): [B, N, C] → [B, N, C] through 4C hidden units.
-
-        a, g = split(x W_1 + b_1)        (W_1: C → 2·4C, split in halves along channels)
-        out  = (a ⊙ GELU(g)) W_2 + b_2
-    """
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.geglu = nn.Linear(dim, 2 * mult * dim)
-        self.out = nn.Linear(mult * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.geglu(x).chunk(2, dim=-1)
-        return self.out(F.gelu(gate).mul_(a))                        # a ⊙ GELU(g), into GELU's fresh output
-
-
-class TransformerBlock(nn.Module):
-    """Pre-LayerNorm transformer block over the latent's pixels as tokens, x [B, h·w, C]:
-
-        x = x + SelfAttention(LN(x))              pixels exchange information across the whole image
-        x = x + CrossAttention(LN(x), context)    each pixel (query) reads the prompt tokens (keys/values):
-                                                  the only place the text steers the image
-        x = x + GEGLU-FeedForward(LN(x))
-    """
-
-    def __init__(self, dim: int, n_heads: int, context_dim: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, n_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, n_heads, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = GEGLUFeedForward(dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # residuals added into each sublayer's fresh output (x + f(x) = f(x) + x exactly; one buffer fewer)
-        x = self.self_attn(self.norm1(x)).add_(x)
-        x = self.cross_attn(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
-
-
-class SpatialTransformer(nn.Module):
-    """Transformer blocks applied to a feature map, with a residual around the whole thing:
-
-        h = proj_in(GroupNorm(x))                          1×1 conv (SD v1; SD 2 uses a Linear), [B, C, h, w]
-        h = rearrange(h, "b c h w -> b (h w) c")           every pixel becomes a token
-        h = TransformerBlock(h, context)  × depth
-        out = x + proj_out(rearrange(h, "b (h w) c -> b c h w"))
-
-    x [B, C, h, w], context [B, 77, D] → [B, C, h, w].
-    """
-
-    def __init__(self, channels: int, n_heads: int, context_dim: int, depth: int = 1, groups: int = 32):
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.blocks = nn.ModuleList(TransformerBlock(channels, n_heads, context_dim) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        # every pixel becomes a token; a free view when x is channels_last (already stored as [B, h, w, C])
-        h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
-        for block in self.blocks:
-            h = block(h, context)
-        # back to [B, C, h, w], stored in x's memory layout so that proj_out and the residual need no conversion
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous(memory_format=memory_format(x))
-        return self.proj_out(h).add_(x)                              # x + proj_out(h)
 
 
 # ---------------------------------------------------------------------------------------------------------------

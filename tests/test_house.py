@@ -19,7 +19,7 @@ MAX_LINES = 400
 # Lowest first. A module may import from its own layer and the layers before it, never from a later one.
 LAYERS = [
     ("foundations", {"attention", "diffusion", "vocabulary", "images", "data", "fast.memory", "files"}),
-    ("networks and text", {"clip", "unet", "vae", "tokenizer", "samplers"}),
+    ("networks and text", {"clip", "spatial_transformer", "unet", "vae", "tokenizer", "samplers"}),
     ("configs", {"configs"}),
     ("files and speed", {"checkpoint", "fast", "seeds", "arguments"}),
     ("pipeline", {"pipeline"}),
@@ -27,7 +27,8 @@ LAYERS = [
     ("command line", {"cli", "__main__", "__init__"}),
 ]
 # The networks, as the paper draws them: they may import nothing of ours but the attention function.
-MODEL_FILES = {"attention": set(), "clip": {"attention"}, "unet": {"attention"}, "vae": {"attention"}}
+MODEL_FILES = {"attention": set(), "clip": {"attention"}, "spatial_transformer": {"attention"},
+               "unet": {"attention", "spatial_transformer"}, "vae": {"attention"}}
 
 
 def module_name(path: Path) -> str:
