@@ -16,5 +16,12 @@ def load_tokenizer(path=None):
 def load_pipeline(path=None, **options):
     """A Stable Diffusion pipeline from an official file or diffusers folder (None: the bundled tiny model);
     options as pipeline.load_pipeline (dtype, device, tokenizer, use_ema, fast=False for the plain networks)."""
-    from .pipeline import load_pipeline as _load
+    from .loader import load_pipeline as _load
+    return _load(path, **options)
+
+
+def load_controlnet(path, **options):
+    """A ControlNet from an official file (control_model.*, .pth/.safetensors, fp16 too) or a diffusers folder;
+    options as checkpoint.controlnet_file.load_controlnet (dtype)."""
+    from .checkpoint.controlnet_file import load_controlnet as _load
     return _load(path, **options)

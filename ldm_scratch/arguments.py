@@ -22,11 +22,17 @@ from .samplers.base import steps_to_run
 
 
 def prepare(prompt, negative_prompt, num_images, steps, sampler, output_type, schedule: Schedule,
-            strength: float | None = None, guidance_scale=7.5) -> tuple[list[str], list[str], int, Sampler]:
+            strength: float | None = None, guidance_scale=7.5, *, prompt_embeds=None, negative_prompt_embeds=None,
+            text_width: int | None = None, prompt_syntax: str = "a1111"
+            ) -> tuple[list[str] | None, list[str] | None, int, Sampler]:
     """The arguments every task shares, checked → (prompts, negative prompts, batch size B, sampler object).
 
-    B = len(prompts) · num_images. strength is None for txt2img; img2img and inpaint check it (check_strength)."""
-    prompts, negative_prompts = prompt_lists(prompt, negative_prompt)
+    B = P · num_images for P prompts (or P rows of prompt_embeds). strength is None for txt2img; img2img and
+    inpaint check it (check_strength). Given prompt_embeds, prompts is None; given negative_prompt_embeds, the
+    negative prompts are None (see prompt_inputs)."""
+    check_prompt_syntax(prompt_syntax)
+    prompts, negative_prompts, count = prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                                     text_width)
     check_count(num_images, "num_images")
     check_count(steps, "steps")
     check_guidance(guidance_scale)
@@ -35,7 +41,7 @@ def prepare(prompt, negative_prompt, num_images, steps, sampler, output_type, sc
         check_strength(strength, steps)
     sampler = as_sampler(sampler, schedule)
     sampler.check_steps(steps)            # a step count this sampler cannot run fails here, before the VAE encodes
-    return prompts, negative_prompts, len(prompts) * num_images, sampler
+    return prompts, negative_prompts, count * num_images, sampler
 
 
 def check_count(value, name: str) -> int:
@@ -75,6 +81,65 @@ def check_strength(strength, steps: int) -> int:
         raise ValueError(f"strength 0 denoises nothing (no step would run, the image would come back only "
                          f"re-encoded); give a strength above 0, at least 1/steps = {1 / steps:.3g} for {steps} steps")
     return steps - steps_to_run(steps, float(strength), img2img=True)  # also: ≥ 1 step must be left
+
+
+PROMPT_SYNTAXES = ("a1111", "plain")
+
+
+def check_prompt_syntax(prompt_syntax) -> str:
+    """"a1111" (AUTOMATIC1111's weights, BREAK, editing, long prompts: prompts.py) or "plain" (literal text)."""
+    if not isinstance(prompt_syntax, str) or prompt_syntax not in PROMPT_SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES} (\"a1111\": (word:1.3), [word], BREAK, "
+                         f"[from:to:when], long prompts; \"plain\": the text as written), got {prompt_syntax!r}")
+    return prompt_syntax
+
+
+def prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, text_width: int | None
+                  ) -> tuple[list[str] | None, list[str] | None, int]:
+    """(prompts or None, negative prompts or None, P): text or precomputed contexts, one of each side at most.
+
+    prompt_embeds [P, 77·k, D] replaces `prompt`; negative_prompt_embeds [P, 77·m, D] replaces `negative_prompt`
+    (D = the text encoder's width; k and m may differ: the shorter is padded, conditioning.py)."""
+    if prompt_embeds is None and negative_prompt_embeds is None:
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
+        return prompts, negatives, len(prompts)
+    if prompt_embeds is not None and prompt is not None:
+        raise ValueError("give either prompt or prompt_embeds, not both (prompt_embeds is the encoded prompt: "
+                         "pipe.encode_prompt(prompt))")
+    if prompt_embeds is None and prompt is None:
+        raise ValueError("no prompt: give prompt (text) or prompt_embeds (from pipe.encode_prompt)")
+    if negative_prompt_embeds is not None and negative_prompt is not None:
+        raise ValueError("give either negative_prompt or negative_prompt_embeds, not both")
+    prompts = None if prompt_embeds is not None else _as_prompt_list(prompt, "prompt")
+    count = check_prompt_embeds(prompt_embeds, "prompt_embeds", text_width) if prompts is None else len(prompts)
+    if negative_prompt_embeds is not None:
+        check_prompt_embeds(negative_prompt_embeds, "negative_prompt_embeds", text_width, count)
+        return prompts, None, count
+    negatives = [""] * count if negative_prompt is None else _as_prompt_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * count
+    if len(negatives) != count:
+        raise ValueError(f"{len(negatives)} negative prompts for {count} prompts; give one, or one per prompt")
+    return prompts, negatives, count
+
+
+def check_prompt_embeds(embeds, name: str, width: int | None, count: int | None = None) -> int:
+    """A context tensor [P, 77·k, D] (k ≥ 1 chunks of 77 tokens, D = width); returns P (must equal count)."""
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor [P, 77·k, D] (as pipe.encode_prompt returns), got "
+                        f"{type(embeds).__name__}" + (f" of {embeds.dtype}" if isinstance(embeds, torch.Tensor)
+                                                      else ""))
+    shape = tuple(embeds.shape)
+    if embeds.ndim != 3 or shape[0] < 1 or shape[1] < 77 or shape[1] % 77:
+        raise ValueError(f"{name} must have shape [P, 77·k, D] (P prompts, k ≥ 1 chunks of 77 tokens), got {shape}")
+    if width is not None and shape[2] != width:
+        raise ValueError(f"{name} has width D = {shape[2]} but this model's text encoder gives {width}; encode the "
+                         "prompt with this pipeline (pipe.encode_prompt)")
+    if count is not None and shape[0] != count:
+        raise ValueError(f"{name} holds {shape[0]} prompts but there are {count}; give one row per prompt")
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return shape[0]
 
 
 def prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:

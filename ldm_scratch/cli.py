@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import random
-import re
 import sys
+import warnings
 from pathlib import Path
+
+# The PNG `parameters` text (AUTOMATIC1111's format) is written and read in parameters.py; format_parameters and
+# parse_parameters stay importable from here.
+from .parameters import (UnusedParametersWarning, format_parameters, parse_parameters,  # noqa: F401
+                         read_png_parameters)
 
 
 def cmd_inspect(args) -> int:
@@ -34,48 +38,6 @@ def cmd_tokenize(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # generate / img2img / inpaint
 # ---------------------------------------------------------------------------------------------------------------
-
-# Our sampler names → the names AUTOMATIC1111's web UI writes in its `parameters` text, so its viewers read ours.
-A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "plms": "PLMS", "pndm": "PNDM", "lms": "LMS",
-                       "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
-
-
-def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance_scale: float,
-                      seed: int, width: int, height: int, model: str, strength: float | None = None) -> str:
-    """The PNG `parameters` text in AUTOMATIC1111's format:
-
-        a red circle on a blue background
-        Negative prompt: blurry
-        Steps: 30, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly
-
-    (no "Negative prompt:" line when there is none; img2img/inpaint add "Denoising strength").
-    """
-    fields = {"Steps": steps, "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler), "CFG scale": f"{guidance_scale:g}",
-              "Seed": seed, "Size": f"{width}x{height}", "Model": model}
-    if strength is not None:
-        fields["Denoising strength"] = f"{strength:g}"
-    quote = lambda v: json.dumps(str(v)) if any(c in str(v) for c in ',:"') else str(v)  # as A1111 quotes
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
-    return "\n".join(lines + [", ".join(f"{key}: {quote(value)}" for key, value in fields.items())])
-
-
-def parse_parameters(text: str) -> dict[str, str]:
-    """Read `format_parameters` (or AUTOMATIC1111's) text back: {"prompt", "negative_prompt", "Steps", …} as
-    strings, with our sampler name under "sampler"."""
-    lines = text.strip("\n").split("\n")
-    fields = {}
-    for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', lines[-1]):
-        fields[key] = json.loads(value) if value.startswith('"') else value.strip()
-    prompt, negative, target = [], [], None
-    target = prompt
-    for line in lines[:-1]:
-        if line.startswith("Negative prompt:"):
-            target, line = negative, line[len("Negative prompt:"):].lstrip()
-        target.append(line)
-    by_a1111 = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
-    return {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative), **fields,
-            "sampler": by_a1111.get(fields.get("Sampler"), fields.get("Sampler"))}
-
 
 def output_paths(out: Path, count: int, force: bool, suffix: str = "") -> list[Path]:
     """`count` file names from out.png, out-1.png, out-2.png, … (with `suffix` before the numbers, e.g. -grid).
@@ -151,7 +113,7 @@ def check_numbers(args) -> None:
     check_guidance(args.guidance)
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
-    if args.command != "generate":
+    if getattr(args, "strength", None) is not None:
         check_strength(args.strength, args.steps)   # strength 0 is refused, as by pipe.img2img / pipe.inpaint
     if args.seed is not None:
         check_seed(args.seed, args.n)
@@ -161,34 +123,123 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bf16": "bfloat16"}
 
 
+# --from-png: the settings keys of a parameters text that each command-line option replaces
+OPTION_FIELDS = {"steps": ("Steps",), "sampler": ("Sampler", "Schedule type"), "guidance": ("CFG scale",),
+                 "seed": ("Seed",), "strength": ("Denoising strength",)}
+
+
+class Given(argparse.Action):
+    """Store an option's value and note that the command line gave it: with --from-png, given options win over the
+    file's values and the others take them (a default cannot tell "--steps 30" from no --steps)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = namespace.given | {self.dest}
+
+
+def apply_png_parameters(args):
+    """--from-png IMAGE: the prompt and settings of the image's `parameters` text, wherever the command line gave
+    none. Prints one note per field of the file that is not used; returns the GenerationParameters read."""
+    skip = {key for option, keys in OPTION_FIELDS.items() if option in args.given for key in keys}
+    if {"width", "height"} <= args.given:
+        skip.add("Size")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedParametersWarning)      # printed below, one line each
+        params = read_png_parameters(args.from_png, skip=skip)
+    if args.prompt is None:
+        args.prompt = params.prompt
+    if "negative" not in args.given:
+        args.negative = params.negative_prompt or None
+    for option, value in [("steps", params.steps), ("sampler", params.sampler), ("guidance", params.guidance_scale),
+                          ("seed", params.seed), ("width", params.width), ("height", params.height),
+                          ("strength", params.strength)]:
+        if option not in args.given and value is not None and hasattr(args, option):
+            setattr(args, option, value)
+    if "sampler" not in args.given:
+        args.karras = params.karras
+    if args.clip_skip is None:
+        args.clip_skip = params.clip_skip
+    unused = dict(params.unknown)
+    if params.strength is not None and not hasattr(args, "strength"):
+        unused["Denoising strength"] = f"{params.strength} (generate makes a new image; img2img/inpaint take it)"
+    for key, value in unused.items():
+        print(f"note: {args.from_png}: '{key}: {value}' is not used", file=sys.stderr)
+    return params
+
+
+def control_options(args) -> dict:
+    """The pipeline's ControlNet arguments from --controlnet / --control-image / --control-preprocess / …"""
+    if len(args.control_image) != len(args.controlnet):
+        raise ValueError(f"--controlnet given {len(args.controlnet)} time(s) but --control-image "
+                         f"{len(args.control_image)}: give one control image per ControlNet")
+    if len(args.control_scale) not in (0, 1, len(args.controlnet)):
+        raise ValueError("--control-scale: give one, or one per --controlnet")
+    if not args.controlnet:
+        return {}
+    from . import control_images, load_controlnet
+    preprocess = control_images.PREPROCESSORS[args.control_preprocess]
+    images = [preprocess(path) for path in args.control_image]     # unreadable images fail before loading
+    nets = [load_controlnet(path) for path in args.controlnet]
+    scales = args.control_scale or [1.0]
+    one = len(nets) == 1
+    return dict(controlnet=nets[0] if one else nets, control_image=images[0] if one else images,
+                controlnet_scale=scales[0] if one or len(scales) == 1 else scales, guess_mode=args.guess_mode,
+                control_start=args.control_start, control_end=args.control_end)
+
+
 def cmd_generate(args) -> int:
     """generate / img2img / inpaint: run the pipeline, then save numbered PNGs (and a grid) with their parameters."""
     import torch
-    from .pipeline import NonFiniteOutputError, load_pipeline
+    from .loader import load_pipeline
+    from .pipeline import NonFiniteOutputError
     from .samplers import get_sampler
 
+    png = apply_png_parameters(args) if args.from_png else None
+    if args.prompt is None:
+        raise ValueError("give a prompt, or --from-png IMAGE to take the prompt and settings from a PNG")
     get_sampler(args.sampler)                         # an unknown name fails before the model is loaded
     check_numbers(args)
+    control = control_options(args)                   # --controlnet …: loaded and preprocessed before the model
     out = check_output(Path(args.out))
     seed = args.seed if args.seed is not None else random.randrange(2**32)
+    from .lora import load_lora, parse_lora_option
+    loras = [parse_lora_option(text) for text in args.lora]
+    for path, _ in loras:                             # a missing file fails before the model is loaded
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {path}: no such file")
+    for path in args.embedding:
+        if not Path(path).is_file():
+            raise ValueError(f"--embedding {path}: no such file")
     pipe = load_pipeline(args.checkpoint, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device,
-                         tokenizer=args.vocab)
+                         tokenizer=args.vocab, **({"vae": args.vae} if args.vae else {}))
+    for path, scale in loras:
+        load_lora(pipe, path, scale=scale)
+    for path in args.embedding:                       # textual inversion: the file's stem becomes a prompt word
+        print(f"embedding {path}: word {pipe.load_textual_inversion(path)[0]!r}", file=sys.stderr)
+    if png is not None and png.model not in (None, pipe.config.name):
+        print(f"note: {args.from_png} was made with the model '{png.model}'; this run uses '{pipe.config.name}' "
+              "(choose with --checkpoint)", file=sys.stderr)
+    sampler = get_sampler(args.sampler, schedule=pipe.schedule, karras=True) if args.karras else args.sampler
     common = dict(negative_prompt=args.negative, num_images=args.n, steps=args.steps, guidance_scale=args.guidance,
-                  sampler=args.sampler, seed=seed, height=args.height, width=args.width, progress=True)
+                  sampler=sampler, seed=seed, height=args.height, width=args.width, progress=True,
+                  clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax, **control)
     try:
         if args.command == "img2img":
             images = pipe.img2img(args.prompt, args.init, strength=args.strength, **common)
         elif args.command == "inpaint":
             images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, **common)
+        elif args.command == "instruct":                  # InstructPix2Pix: the prompt is the instruction
+            images = pipe.instruct(args.image, args.prompt, image_guidance_scale=args.image_guidance, **common)
         else:
             images = pipe.txt2img(args.prompt, **common)
     except NonFiniteOutputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    strength = args.strength if args.command != "generate" else None
+    strength = getattr(args, "strength", None)
     texts = [format_parameters(args.prompt, args.negative or "", steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance, seed=seed + k, width=image.width, height=image.height,
-                               model=pipe.config.name, strength=strength) for k, image in enumerate(images)]
+                               model=pipe.config.name, strength=strength, clip_skip=args.clip_skip,
+                               karras=args.karras) for k, image in enumerate(images)]
     paths = output_paths(out, len(images), args.force)
     if args.grid and len(images) > 1:
         images, texts = images + [image_grid(images)], texts + [texts[0]]
@@ -200,17 +251,28 @@ def cmd_generate(args) -> int:
 
 
 def _add_generation_options(p: argparse.ArgumentParser, default_strength: float | None = None) -> None:
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (may be left out with --from-png)")
+    p.add_argument("--from-png", metavar="IMAGE", default=None,
+                   help="make an image again from the `parameters` text of a PNG written by ldm-scratch or "
+                   "AUTOMATIC1111's web UI: its prompt, negative prompt, steps, sampler, CFG scale, seed, size and "
+                   "clip skip (img2img/inpaint: also its denoising strength). Options given on the command line "
+                   "override the file's values; fields that cannot be used are listed")
     p.add_argument("--checkpoint", default=None, help="official .safetensors/.ckpt or diffusers folder "
                    "(default: the bundled tiny model)")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--sampler", default="dpmpp_2m", help="ddpm, ddim, plms, pndm, lms, euler, euler_a, heun, "
-                   "dpmpp_2m (default)")
-    p.add_argument("--seed", type=int, default=None, help="image k gets seed + k (default: random, printed)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's size or the image's)")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--negative", default=None, action=Given, help="negative prompt")
+    p.add_argument("--prompt-syntax", default="a1111", choices=("a1111", "plain"),
+                   help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [from:to:when], [a|b] and "
+                   "prompts beyond 75 tokens; plain: the text as written, cut at 75 tokens")
+    p.add_argument("--steps", type=int, default=30, action=Given)
+    p.add_argument("--sampler", default="dpmpp_2m", action=Given, help="ddpm, ddim, plms, pndm, lms, euler, "
+                   "euler_a, heun, dpmpp_2m (default)")
+    p.add_argument("--seed", type=int, default=None, action=Given, help="image k gets seed + k (default: random, "
+                   "printed)")
+    p.add_argument("--guidance", type=float, default=7.5, action=Given, help="classifier-free guidance scale "
+                   "(1 = none)")
+    p.add_argument("--height", type=int, default=None, action=Given, help="multiple of 8 (default: the model's "
+                   "size or the image's)")
+    p.add_argument("--width", type=int, default=None, action=Given)
     p.add_argument("--n", type=int, default=1, help="number of images (numbered files)")
     p.add_argument("--out", default="image.png", help="output PNG; taken names get -1, -2, … (default image.png)")
     p.add_argument("--force", action="store_true", help="overwrite existing files instead of numbering new ones")
@@ -218,10 +280,28 @@ def _add_generation_options(p: argparse.ArgumentParser, default_strength: float 
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="network precision")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps, …")
     p.add_argument("--vocab", default=None, help="tokenizer vocabulary (default: as load_tokenizer finds it)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA (kohya/A1111 or diffusers .safetensors) at SCALE (default 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH", help="a textual-inversion "
+                   "embedding (.pt, .bin, .safetensors); its file name without extension is the prompt word; "
+                   "repeatable")
+    p.add_argument("--vae", default=None, metavar="PATH", help="a standalone VAE to use instead of the "
+                   "checkpoint's (e.g. vae-ft-mse-840000-ema-pruned.safetensors, or a diffusers vae/ folder)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet file or diffusers folder (repeat for several)")
+    p.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="its control image, one per --controlnet (resized to the output size)")
+    p.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+                   help="controlnet_scale: one, or one per --controlnet (default 1)")
+    p.add_argument("--control-preprocess", default="none", choices=["canny", "scribble", "none"],
+                   help="make the control image's map first: canny edges, inverted scribble, or none (as is)")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional half only")
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps before control starts")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps after which it stops")
     if default_strength is not None:
-        p.add_argument("--strength", type=float, default=default_strength,
+        p.add_argument("--strength", type=float, default=default_strength, action=Given,
                        help=f"how much to change the image, 0–1 (default {default_strength})")
-    p.set_defaults(run=cmd_generate)
+    p.set_defaults(run=cmd_generate, given=frozenset(), karras=False, clip_skip=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,10 +326,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(p, default_strength=1.0)
     p.add_argument("--image", required=True, help="the image to repaint")
     p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep")
+    p = commands.add_parser("instruct", help="edit an image by an instruction (an InstructPix2Pix checkpoint)")
+    _add_generation_options(p)
+    p.add_argument("--image", required=True, help="the image to edit")
+    p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance scale s_I (1 = none; higher "
+                   "keeps closer to the image)")
     from .training.command import add_train_arguments, cmd_train
     p = commands.add_parser("train", help="train the tiny model from scratch (ldm_scratch/train.py)")
     add_train_arguments(p)
     p.set_defaults(run=cmd_train)
+    from .training.controlnet import add_arguments as add_controlnet_arguments, cmd_train_controlnet
+    p = commands.add_parser("train-controlnet", help="train a ControlNet (Canny edges) for the tiny model")
+    add_controlnet_arguments(p)
+    p.set_defaults(run=cmd_train_controlnet)
+    from .training.finetune_command import add_arguments as add_finetune_arguments, cmd_finetune
+    p = commands.add_parser("finetune", help="adapt a model to a few pictures: LoRA, textual inversion, DreamBooth")
+    add_finetune_arguments(p)
+    p.set_defaults(run=cmd_finetune)
+    from .merging import add_merge_arguments
+    p = commands.add_parser("merge", help="merge two checkpoints (weighted sum or add difference), tensor by tensor")
+    add_merge_arguments(p)
     return parser
 
 

@@ -25,6 +25,17 @@ clip_skip = k returns LN_final(h^{L−k}); k = 0 (or None) is the normal output.
 differently: its "Clip skip: 1" is the normal output and "Clip skip: 2" (common for anime-style fine-tunes) is
 diffusers' clip_skip = 1, i.e. the penultimate block, h^{L−1} for L = 12.
 
+SD 2 (one code, a second config: `openclip_text_config`) conditions on the text tower of OpenCLIP ViT-H/14
+(trained by LAION on LAION-2B): the same pre-LN causal transformer, wider and deeper — 24 blocks of width 1024,
+16 heads of 64, MLP 4096 — with exact GELU (x · Φ(x)) instead of quick-GELU, and ln_final. Its context is
+[B, 77, 1024]. SD 2 does not read the last block: its FrozenOpenCLIPEmbedder was configured with
+`layer: "penultimate"`, i.e. LN_final(h²³) — the output of block 23 of 24, through the final LayerNorm (the
+same thing as clip_skip = 1 on the full tower). Why: the last block is the one CLIP's contrastive loss shapes
+most directly, and that loss reads only the end-of-text token (pooled and projected); the per-token features
+one block earlier are less specialised to that one vector, and Stability trained SD 2 on them. So we build
+the 23 blocks SD 2 uses (as diffusers does: its converted text_encoder has num_hidden_layers = 23); the file's
+block 23 is allowed, unused, by name (checkpoint/openclip_keys.py), and `clip_skip` counts from block 23.
+
 Module names are ours; CLIP_RULES in checkpoint/keymap.py maps the official
 `cond_stage_model.transformer.text_model.*` names onto them
 (e.g. `encoder.layers.3.self_attn.q_proj` → `blocks.3.attn.q`).
@@ -59,6 +70,12 @@ class CLIPTextConfig:
             raise ValueError(f"unknown activation '{self.activation}'; choose one of {sorted(ACTIVATIONS)}")
 
 
+def openclip_text_config(n_layers: int = 23) -> CLIPTextConfig:
+    """SD 2's text encoder: OpenCLIP ViT-H/14's text tower, cut after its penultimate block (module docstring).
+    n_layers = 24 is the whole tower (open_clip's own text encoder, before text_projection)."""
+    return CLIPTextConfig(width=1024, n_layers=n_layers, n_heads=16, mlp_width=4096, activation="gelu")
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """quick_gelu(x) = x · σ(1.702 x).
 
@@ -88,7 +105,7 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(attention(self.q(x), self.k(x), self.v(x), self.n_heads, causal=True))
+        return self.out(attention(self.q(x), self.k(x), self.v(x), self.n_heads, causal=True, layer=self))
 
 
 class MLP(nn.Module):

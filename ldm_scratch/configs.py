@@ -17,13 +17,14 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .clip import CLIPTextConfig
-from .diffusion import Schedule, ScheduleConfig
+from .diffusion import PREDICTION_TYPES, Schedule, ScheduleConfig
 from .tokenizer import CONTEXT_LENGTH
 from .unet import UNetConfig
 from .vae import VAEConfig
 
 METADATA_KEY = "ldm_scratch_config"
-KINDS = ("sd-v1", "sd-v1-inpainting", "tiny")
+KINDS = ("sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting", "tiny")
+OPENCLIP_PAD_ID = 0   # SD 2's OpenCLIP tokenizer pads with id 0 ("!"), not with end-of-text as SD v1's does
 # T, the number of training timesteps, in the range every sampler handles. Measured: with T = 100 each sampler
 # runs 1, 2, 30 and 50 steps (the CLI's and the API's defaults are 30) and stays finite; with T = 50, 50 steps
 # index past the schedule. SD v1 and the tiny model use 1000. The upper end keeps the float64 schedule tables
@@ -43,17 +44,24 @@ class ModelConfig:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000   # T
     image_size: int = 512             # the resolution the model was trained at (default height/width)
-    kind: str = "sd-v1"               # "sd-v1", "sd-v1-inpainting", or "tiny"
+    kind: str = "sd-v1"               # "sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting" or "tiny"
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction" (SD 2 768-v)
     name: str = "stable-diffusion-v1"  # written into PNG metadata ("Model:")
 
     @property
     def latent_channels(self) -> int:
         return self.vae.z_channels
 
+    @property
+    def tokenizer_pad_id(self) -> int | None:
+        """What the tokenizer pads prompts with for this model's text encoder: None = end-of-text (SD v1's CLIP),
+        0 for SD 2's OpenCLIP tower. It matters: the UNet cross-attends to all 77 positions, padding included."""
+        return OPENCLIP_PAD_ID if self.kind.startswith("sd-v2") else None
+
     def schedule(self) -> Schedule:
-        """The β schedule (T, β_start, β_end) this model is trained and sampled with."""
+        """The β schedule (T, β_start, β_end) this model is trained and sampled with, and what it predicts."""
         return Schedule(ScheduleConfig(n_train_steps=self.num_train_timesteps, beta_start=self.beta_start,
-                                       beta_end=self.beta_end))
+                                       beta_end=self.beta_end, prediction_type=self.prediction_type))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -107,8 +115,14 @@ def _checked_value(path: str, value, default):
     def bad(expected: str):
         return ValueError(f"model config field '{path}' must be {expected}, got {value!r} ({_json_type(value)})")
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)   # JSON true is not the number 1
-    if isinstance(default, bool) or default is None:
-        raise TypeError(f"no JSON rule for field '{path}'")             # a new field type: add its rule here
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if default is None:                                                 # an optional count (UNetConfig.head_dim)
+        if value is not None and (not is_int(value) or value < 1):
+            raise bad("null or a positive whole number")
+        return value
     if isinstance(default, int):
         if not is_int(value) or value < 1:
             raise bad("a positive whole number")
@@ -141,6 +155,8 @@ def _check_model(config: ModelConfig) -> None:
                                          f"{config.num_train_timesteps}")
     if config.kind not in KINDS:
         raise bad("kind", f"must be one of {', '.join(KINDS)}, got {config.kind!r}")
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise bad("prediction_type", f"must be one of {', '.join(PREDICTION_TYPES)}, got {config.prediction_type!r}")
     unet, vae, text = config.unet, config.vae, config.text_encoder
     factor = vae.downsample_factor
     if config.image_size % factor:

@@ -36,6 +36,17 @@ class ScheduleConfig:
     n_train_steps: int = 1000  # T
     beta_start: float = 0.00085  # β_1 (linear_start)
     beta_end: float = 0.012  # β_T (linear_end)
+    # Lin et al. 2023: shift and scale √ᾱ so that √ᾱ_T = 0 (zero terminal SNR); see rescale_zero_terminal_snr
+    rescale_zero_terminal_snr: bool = False
+    # What the network predicts: "epsilon" (ε, SD v1, SD 2 512-base and inpainting) or "v_prediction"
+    # (v = √ᾱ_t ε − √(1−ᾱ_t) x_0, SD 2 768-v; `parameterization: "v"` in its yaml). The samplers read it and
+    # turn the network's output into (ε̂, x̂₀) in one place, `eps_and_x0` below.
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got "
+                             f"{self.prediction_type!r}")
 
 
 def _as_index(t, n: int) -> torch.Tensor:
@@ -94,6 +105,23 @@ def eps_from_v(x_t, v, alpha_bar):
     return (1 - alpha_bar) ** 0.5 * x_t + alpha_bar**0.5 * v  # ε̂ = √(1−ᾱ_t) x_t + √ᾱ_t v
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def eps_and_x0(x_t, output, alpha_bar, prediction_type: str = "epsilon"):
+    """(ε̂, x̂₀) from what the network returned at level ᾱ_t: the one place where ε- and v-prediction differ.
+
+    "epsilon":      ε̂ = output,  x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+    "v_prediction": ε̂ = √(1−ᾱ_t) x_t + √ᾱ_t v̂,  x̂₀ = √ᾱ_t x_t − √(1−ᾱ_t) v̂   (both straight from v̂, as diffusers
+                    does: x̂₀ never divides by √ᾱ_t, which matters where ᾱ_t is small)
+    """
+    if prediction_type == "epsilon":
+        return output, x0_from_eps(x_t, output, alpha_bar)
+    if prediction_type == "v_prediction":
+        return eps_from_v(x_t, output, alpha_bar), x0_from_v(x_t, output, alpha_bar)
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
 def sigma_from_alpha_bar(alpha_bar):
     """The noise-to-signal ratio of x_t: σ-scaling x_σ = x_t / √ᾱ_t = x_0 + σ ε (Karras et al. 2022)."""
     return ((1 - alpha_bar) / alpha_bar) ** 0.5  # σ_t = √((1−ᾱ_t)/ᾱ_t)
@@ -114,6 +142,31 @@ def eps_from_x0_sigma(x, x0, sigma):
     return (x - x0) / sigma  # ε̂ = (x_σ − x̂₀) / σ  = dx/dσ
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """β_t `[T]` rescaled for zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Algorithm 1).
+
+    SD's schedule ends at ᾱ_T ≈ 0.0047: x_T = 0.068·x_0 + 0.998·ε still holds a trace of the image (SNR_T =
+    ᾱ_T/(1−ᾱ_T) ≈ 0.0047 ≠ 0), most of all in its mean, and the network learns to read the overall brightness off
+    it — but sampling starts from pure noise, so every image comes out mid-grey on average. The fix moves √ᾱ_t
+    linearly so that it ends at exactly 0 while its first value stays put:
+
+        √ᾱ'_t = (√ᾱ_t − √ᾱ_T) · √ᾱ_1 / (√ᾱ_1 − √ᾱ_T)          (√ᾱ'_T = 0, √ᾱ'_1 = √ᾱ_1)
+
+    and turns ᾱ' back into β: α'_t = ᾱ'_t / ᾱ'_{t−1}, β'_t = 1 − α'_t (so β'_T = 1). With ᾱ_T = 0 an ε-predicting
+    network cannot give x̂₀ at t = T (x̂₀ = (x_t − ε̂)/√ᾱ_T divides by 0): use it with v-prediction.
+    """
+    sqrt_alpha_bar = torch.cumprod(1 - betas, dim=0).sqrt()  # √ᾱ_t
+    first, last = sqrt_alpha_bar[0], sqrt_alpha_bar[-1]
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * first / (first - last)  # √ᾱ'_t = (√ᾱ_t − √ᾱ_T)·√ᾱ_1/(√ᾱ_1 − √ᾱ_T)
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])  # α'_t = ᾱ'_t / ᾱ'_{t−1}, α'_1 = ᾱ'_1
+    return 1 - alphas  # β'_t = 1 − α'_t
+
+
+ZERO_SNR_SIGMA_ALPHA_BAR = 2.0**-24  # the ᾱ_T the σ tables use at zero terminal SNR (diffusers' Euler: 2⁻²⁴)
+
+
 class Schedule:
     """β_t, α_t, ᾱ_t and σ_t for t = 0 … T-1 (0-based, as in the checkpoints and diffusers), plus the forward process.
 
@@ -126,9 +179,13 @@ class Schedule:
         n = config.n_train_steps
         # β_t = (linspace(√β_1, √β_T, T))²  — "scaled_linear": linear in √β, not in β
         self.betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
+        if config.rescale_zero_terminal_snr:  # ᾱ_T = 0: the last step's x_T is pure noise, as sampling assumes
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas  # α_t = 1 − β_t
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)  # ᾱ_t = ∏_{s≤t} α_s   (eq 4.1)
-        self.sigmas = sigma_from_alpha_bar(self.alpha_bar)  # σ_t = √((1−ᾱ_t)/ᾱ_t)
+        # σ_t = √((1−ᾱ_t)/ᾱ_t); at zero terminal SNR σ_T = ∞, where no σ-sampler can start, so the σ tables (only
+        # they) take ᾱ_T = 2⁻²⁴ instead (σ_T ≈ 4096), as diffusers' σ-schedulers do
+        self.sigmas = sigma_from_alpha_bar(self.alpha_bar.clamp(min=ZERO_SNR_SIGMA_ALPHA_BAR))
         self.log_sigmas = self.sigmas.log()  # increasing in t: what sigma_to_t interpolates
 
     @property
@@ -227,3 +284,17 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, g
     """Classifier-free guidance (eq 4.4; Ho & Salimans 2022): s = 1 gives the conditional prediction, s = 0 the
     unconditional one, s > 1 pushes further along the direction the condition points to."""
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # ε̂ = ε_θ(x_t,∅) + s·(ε_θ(x_t,c) − ε_θ(x_t,∅))
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Guidance rescale φ (Lin et al. 2023, §3.4, eqs 15–16): `guided` `[B, C, h, w]` (the CFG output) brought back
+    to the standard deviation of the conditional prediction `cond`, then blended with itself by φ.
+
+    Large guidance scales inflate the prediction's std (the difference term adds to it), which with zero terminal
+    SNR over-exposes images; rescaling to the conditional's std undoes that, and φ < 1 keeps some of the original
+    so images do not turn plain. The std is per sample, over every other dimension (as diffusers' rescale_noise_cfg,
+    which applies it to the network's output, ε or v; the paper writes it for x̂₀). φ = 0 changes nothing.
+    """
+    dims = list(range(1, guided.dim()))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))  # x_cfg·σ_pos/σ_cfg
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided  # x = φ·x_rescaled + (1 − φ)·x_cfg

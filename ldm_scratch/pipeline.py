@@ -1,6 +1,6 @@
 """The Stable Diffusion pipeline: the three networks, the noise schedule and a sampler put together.
 
-    prompt ──tokenizer──▶ ids [B, 77] ──CLIP──▶ context [B, 77, D]           (D = 768 for SD v1)
+    prompt ──prompts.py──▶ k chunks of 77 ids ──CLIP, weights (conditioning.py)──▶ context [B, 77·k, D]  (D = 768)
     noise ε [B, 4, h, w] ──sampler: UNet steps with CFG──▶ latents z_0 ──÷ latent_scale──▶ VAE decoder
         ──▶ x [B, 3, H, W]                                                    (h, w = H/8, W/8)
 
@@ -40,12 +40,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .arguments import check_device, check_memory, prepare, txt2img_size
-from .checkpoint import CheckpointError, load_models
-from .diffusion import classifier_free_guidance
-from .fast import install
+from .arguments import (check_count, check_memory, check_prompt_syntax, prepare, prompt_inputs,
+                        txt2img_size)
+from .conditioning import StepContexts, step_contexts
+from .control import ControlledUNet, prepare_controls
+from .guidance import model_function
 from .images import OUTPUT_TYPES  # noqa: F401  (kept importable from here, where it was defined before)
 from .images import check_size, default_size, images_to_tensor, load_images, masks_to_tensor, to_output
+from .instruct import InstructMethods
+from .lora import LoraMethods
+from .textual_inversion import TextualInversionMethods
+from .samplers.base import steps_to_run
 from .seeds import check_latents, make_generators, skip_draws, starting_noise
 
 # the tiny model trained here, shipped inside the package (package data) so every kind of install can generate
@@ -57,7 +62,8 @@ class NonFiniteOutputError(FloatingPointError):
     """The sampled latents or the decoded image hold NaN/inf (instead of silently returning a black image)."""
 
 
-class StableDiffusion:
+class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  # + load_lora, set_lora_scale,
+    # unload_lora (lora.py), load_textual_inversion, unload_textual_inversion (textual_inversion.py), instruct (instruct.py)
     """Holds the networks (`text_encoder`, `unet`, `vae`), the `tokenizer`, the `schedule` and the `config`.
 
     Build it with `load_pipeline(...)`; call `txt2img`, `img2img` or `inpaint`.
@@ -81,6 +87,8 @@ class StableDiffusion:
         if self._tokenizer is None:
             from .tokenizer import load_tokenizer
             self._tokenizer = load_tokenizer(self._tokenizer_path)
+            if self.config.tokenizer_pad_id is not None:        # SD 2's OpenCLIP tokenizer pads with id 0
+                self._tokenizer.pad_id = self.config.tokenizer_pad_id
         return self._tokenizer
 
     @property
@@ -92,6 +100,10 @@ class StableDiffusion:
         """A 9-channel UNet: [latents, mask, masked-image latents] (sd-v1-5-inpainting)."""
         return self.config.unet.in_channels == 9
 
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """CFG (two UNet halves) unless s = 1 or the UNet takes s as an input (a full LCM UNet: unet.py)."""
+        return guidance_scale != 1 and self.config.unet.guidance_embed_dim is None
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
         """Move (and/or cast) all three networks; returns self."""
         if device is not None:
@@ -102,19 +114,30 @@ class StableDiffusion:
 
     # -- text ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
-        """Prompts → context [len(prompts), 77, D] (over-long prompts are cut, with the tokenizer's warning)."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids, clip_skip=clip_skip)
+    def encode_prompt(self, prompt, negative_prompt=None, clip_skip: int | None = None, prompt_syntax: str = "a1111",
+                      *, steps: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt(s) → (context, negative_context), each [P, 77·K, D] (K chunks; both padded to the same K with
+        empty-prompt chunks: conditioning.py). negative_prompt None means "" (the unconditional context).
 
-    def _context(self, prompts, negative_prompts, num_images, guidance_scale, clip_skip) -> torch.Tensor:
-        """[uncond; cond] contexts [2B, 77, D] (or just cond [B, 77, D] when guidance_scale = 1), each prompt
-        repeated for its num_images images (batch order: prompt 0's images, then prompt 1's, …, as diffusers)."""
-        cond = self.encode_prompt(prompts, clip_skip).repeat_interleave(num_images, dim=0)
-        if guidance_scale == 1:
-            return cond
-        uncond = self.encode_prompt(negative_prompts, clip_skip).repeat_interleave(num_images, dim=0)
-        return torch.cat([uncond, cond])
+        prompt_syntax "a1111": weights, BREAK, prompts beyond 75 tokens (prompts.py); "plain": literal text cut
+        at 75 tokens. A prompt with editing or alternation ([a:b:0.5], [a|b]) gives the context of step 0 of a
+        `steps`-step run; the pipeline itself follows the schedule step by step. Pass the results to txt2img /
+        img2img / inpaint as prompt_embeds= and negative_prompt_embeds= (e.g. after editing them).
+        clip_skip: diffusers' count (the web UI's "Clip skip: 2" is 1), see clip.py."""
+        prompts, negatives, _ = prompt_inputs(prompt, negative_prompt, None, None, None)
+        contexts = self._conditioning(prompts, negatives, None, None, 1, 7.5, clip_skip,  # s ≠ 1: both sides
+                                      check_prompt_syntax(prompt_syntax), check_count(steps, "steps"))
+        negative_context, context = contexts.at(0).chunk(2)        # [uncond; cond]
+        return context, negative_context
+
+    def _conditioning(self, prompts, negatives, prompt_embeds, negative_embeds, num_images, guidance_scale,
+                      clip_skip, prompt_syntax, steps) -> StepContexts:
+        """The per-step contexts of a call (conditioning.step_contexts): [uncond; cond] [2B, 77·K, D], or just
+        cond [B, 77·K, D] when guidance_scale = 1; prompt i's rows repeated for its num_images images (batch
+        order: prompt 0's images, then prompt 1's, …, as diffusers)."""
+        return step_contexts(self.tokenizer, self.text_encoder, prompts, negatives,
+                             prompt_embeds, negative_embeds, num_images=num_images, guided=self.uses_cfg(guidance_scale),
+                             clip_skip=clip_skip, syntax=prompt_syntax, steps=steps, dtype=self.dtype)
 
     # -- latents ↔ images --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -163,32 +186,35 @@ class StableDiffusion:
             self.vae.to(dtype)
 
     # -- the shared sampling loop ------------------------------------------------------------------------------------
-    def _eps_model(self, context: torch.Tensor, guidance_scale: float, extra: torch.Tensor | None = None):
-        """The model function the samplers call: ε̂(x_t, t) with CFG, and the inpainting channels appended.
-        context is [uncond; cond] [2B, 77, D] when guiding, else [B, 77, D]; extra [B, 5, h, w] or None."""
-        guided = guidance_scale != 1
-        dtype = self.dtype
-        if extra is not None and guided:
-            extra = torch.cat([extra, extra])
-
-        def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if guided else x       # [uncond; cond] in one UNet call
-            if extra is not None:                            # 9-channel: [x_t, mask, masked-image latents]
-                x_in = torch.cat([x_in, extra], dim=1)
-            eps = self.unet(x_in.to(dtype), t, context).float()
-            if not guided:
-                return eps
-            eps_uncond, eps_cond = eps.chunk(2)
-            return classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)  # eq 4.4
-        return eps_model
+    def _eps_model(self, context, guidance_scale: float, extra: torch.Tensor | None = None, unet=None,
+                   guidance_rescale: float = 0.0):
+        """The model function the samplers call (guidance.py): ε̂(x_t, t) with CFG (eq 4.4) on one UNet call over
+        [uncond; cond], the inpainting channels appended. unet: default self.unet; with ControlNets a
+        control.ControlledUNet."""
+        return model_function(unet or self.unet, context, guidance_scale, dtype=self.dtype, extra=extra,
+                              guided=self.uses_cfg(guidance_scale), guidance_rescale=guidance_rescale,
+                              guidance_input=self.config.unet.guidance_embed_dim is not None)
 
     @torch.inference_mode()
-    def _run(self, *, prompts, negative_prompts, num_images, steps, guidance_scale, sampler, generators, noise,
-             x0=None, strength=1.0, after_step=None, extra=None, output_type, callback, progress, clip_skip):
-        """Encode the prompts, run the sampler, check and decode. Returns what output_type asks for."""
-        context = self._context(prompts, negative_prompts, num_images, guidance_scale, clip_skip).to(self.dtype)
-        latents = sampler.sample(self._eps_model(context, guidance_scale, extra), noise, steps,
-                                 generator=generators, callback=callback, x0=x0,
+    def _run(self, *, encode, steps, guidance_scale, sampler, generators, noise, x0=None, strength=1.0,
+             after_step=None, extra=None, output_type, callback, progress, controls=(), guess_mode=False,
+             guidance_rescale=0.0):
+        """Encode the prompts (encode() → StepContexts), run the sampler, check and decode. Returns what
+        output_type asks for. The contexts advance from the sampler's per-step hook: editing switches on time."""
+        contexts = encode()
+        unet = None
+        if controls:   # ControlNets add their residuals in the UNet call; their window counts the steps that run
+            unet = ControlledUNet(self.unet, controls, guess_mode=guess_mode, guided=self.uses_cfg(guidance_scale),
+                                  n_steps=steps - steps_to_run(steps, strength, img2img=x0 is not None))
+            callback = unet.counting(callback)
+
+        def step_done(i, t, x0_pred):                      # after step i the model calls belong to step i + 1
+            contexts.step_done(i)
+            if callback is not None:
+                callback(i, t, x0_pred)
+        eps_model = self._eps_model(contexts, guidance_scale, extra, unet, guidance_rescale)
+        latents = sampler.sample(eps_model, noise, steps,
+                                 generator=generators, callback=step_done, x0=x0,
                                  strength=strength, after_step=after_step, progress=progress)
         if not torch.isfinite(latents).all():
             raise NonFiniteOutputError(
@@ -202,11 +228,29 @@ class StableDiffusion:
         return to_output((self.decode_latents(latents) / 2 + 0.5).clamp(0, 1), output_type)  # [−1, 1] → [0, 1]
 
     # -- arguments shared by the tasks (checks: arguments.py, images.py) ------------------------------------------
-    def _prepare(self, prompt, negative_prompt, num_images, steps, sampler, output_type, guidance_scale,
-                 strength=None):
-        """(prompts, negative prompts, batch size B, sampler), checked; see arguments.prepare."""
-        return prepare(prompt, negative_prompt, num_images, steps, sampler, output_type, self.schedule, strength,
-                       guidance_scale)
+    def _prepare(self, prompt, negative_prompt, num_images, steps, sampler, output_type, guidance_scale, strength,
+                 text):
+        """(batch size B, sampler, encode), checked (arguments.prepare); encode() gives the StepContexts later,
+        after the images are checked. text: (prompt_embeds, negative_prompt_embeds, clip_skip, prompt_syntax)."""
+        embeds, negative_embeds, clip_skip, syntax = text
+        prompts, negatives, batch, sampler = prepare(
+            prompt, negative_prompt, num_images, steps, sampler, output_type, self.schedule, strength, guidance_scale,
+            prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, text_width=self.config.text_encoder.width,
+            prompt_syntax=syntax)
+        return batch, sampler, lambda: self._conditioning(prompts, negatives, embeds, negative_embeds, num_images,
+                                                          guidance_scale, clip_skip, syntax, steps)
+
+    def _control(self, controlnet, control_image, scale, start, end, guess_mode, guidance_rescale, height, width,
+                 batch) -> dict:
+        """The ControlNets (control.prepare_controls: checked, hints loaded at the output size) and the guidance
+        options, as _run's keyword arguments."""
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
+                or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1] (φ of Lin et al. 2023; 0 = off, 0.7 "
+                             f"is their choice), got {guidance_rescale!r}")
+        controls = prepare_controls(controlnet, control_image, self.config.unet, scale=scale, start=start, end=end,
+                                    height=height, width=width, batch=batch, device=self.device)
+        return dict(controls=controls, guess_mode=guess_mode, guidance_rescale=guidance_rescale)
 
     def _check_memory(self, batch: int, height: int, width: int) -> None:
         """Refuse a size whose activations cannot fit, before allocating them (arguments.check_memory)."""
@@ -223,35 +267,49 @@ class StableDiffusion:
                              f"{what}: use pipe.inpaint(prompt, image, mask_image), or load a regular checkpoint")
 
     # -- public entry points ---------------------------------------------------------------------------------------
-    def txt2img(self, prompt, negative_prompt=None, *, num_images: int = 1, steps: int = 30,
+    def txt2img(self, prompt=None, negative_prompt=None, *, num_images: int = 1, steps: int = 30,
                 guidance_scale: float = 7.5, sampler="dpmpp_2m", seed: int | None = None, generator=None,
                 latents: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
-                output_type: str = "pil", callback=None, progress: bool = True, clip_skip: int | None = None):
+                output_type: str = "pil", callback=None, progress: bool = True, clip_skip: int | None = None,
+                prompt_syntax: str = "a1111", prompt_embeds=None, negative_prompt_embeds=None,
+                controlnet=None, control_image=None, controlnet_scale=1.0, guess_mode: bool = False,
+                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0):
         """Text → images. prompt: a string or a list (batch); num_images per prompt.
 
         Returns, for B = len(prompts) · num_images: "pil" a list of B PIL images; "np" float32 [B, H, W, 3] in
         [0, 1]; "pt" [B, 3, H, W] in [0, 1]; "latent" the final scaled latents [B, 4, H/8, W/8].
         latents: explicit starting noise ε ~ N(0, I) [B, 4, H/8, W/8] (a σ-sampler scales it by its first σ).
         callback(i, t, x0_pred): after every step, with the current x̂₀ (scaled latents).
+        prompt_syntax: "a1111" (weights, BREAK, editing, long prompts; prompts.py) or "plain" (literal text).
+        prompt_embeds / negative_prompt_embeds: contexts [P, 77·k, D] (pipe.encode_prompt) instead of the text.
+        controlnet: a ControlNet (ldm_scratch.load_controlnet) or a list; control_image: its map (one per net),
+        resized to the output size; controlnet_scale / control_start / control_end: a number or one per net;
+        guess_mode: the ControlNets see only the conditional half of the CFG batch (control.py).
+        guidance_rescale: φ of Lin et al. 2023 §3.4 (0 = off; 0.7 for zero-terminal-SNR models, diffusion.py).
         """
         self._refuse_inpainting_model("txt2img")
-        prompts, negatives, batch, sampler = self._prepare(prompt, negative_prompt, num_images, steps, sampler,
-                                                           output_type, guidance_scale)
+        batch, sampler, encode = self._prepare(prompt, negative_prompt, num_images, steps, sampler, output_type,
+                                               guidance_scale, None, (prompt_embeds, negative_prompt_embeds,
+                                                                      clip_skip, prompt_syntax))
         factor = self.config.vae.downsample_factor
         height, width, h, w = check_size(*txt2img_size(height, width, latents, self.config.image_size, factor),
                                          factor)
         self._check_memory(batch, height, width)
+        control = self._control(controlnet, control_image, controlnet_scale, control_start, control_end, guess_mode,
+                                guidance_rescale, height, width, batch)
         generators = make_generators(batch, seed, generator)
         noise = starting_noise(latents, (batch, self.config.latent_channels, h, w), generators, self.device)
-        return self._run(prompts=prompts, negative_prompts=negatives, num_images=num_images, steps=steps,
-                         guidance_scale=guidance_scale, sampler=sampler, generators=generators, noise=noise,
-                         output_type=output_type, callback=callback, progress=progress, clip_skip=clip_skip)
+        return self._run(encode=encode, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                         generators=generators, noise=noise, output_type=output_type, callback=callback,
+                         progress=progress, **control)
 
-    def img2img(self, prompt, init_image, negative_prompt=None, *, strength: float = 0.75, num_images: int = 1,
-                steps: int = 30, guidance_scale: float = 7.5, sampler="dpmpp_2m", seed: int | None = None,
-                generator=None, latents: torch.Tensor | None = None, height: int | None = None,
-                width: int | None = None, output_type: str = "pil", callback=None, progress: bool = True,
-                clip_skip: int | None = None):
+    def img2img(self, prompt=None, init_image=None, negative_prompt=None, *, strength: float = 0.75,
+                num_images: int = 1, steps: int = 30, guidance_scale: float = 7.5, sampler="dpmpp_2m",
+                seed: int | None = None, generator=None, latents: torch.Tensor | None = None,
+                height: int | None = None, width: int | None = None, output_type: str = "pil", callback=None,
+                progress: bool = True, clip_skip: int | None = None, prompt_syntax: str = "a1111", prompt_embeds=None,
+                negative_prompt_embeds=None, controlnet=None, control_image=None, controlnet_scale=1.0, guess_mode: bool = False,
+                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0):
         """Image + text → images. Runs the last int(steps × strength) steps starting from the init image's latents
         noised to that level: strength 1 keeps nothing but the rough layout, small strengths change little.
 
@@ -261,26 +319,30 @@ class StableDiffusion:
         resized (with a warning). Other arguments and the return value as `txt2img`.
         """
         self._refuse_inpainting_model("img2img")
-        prompts, negatives, batch, sampler = self._prepare(prompt, negative_prompt, num_images, steps, sampler,
-                                                           output_type, guidance_scale, strength)
+        batch, sampler, encode = self._prepare(prompt, negative_prompt, num_images, steps, sampler, output_type,
+                                               guidance_scale, strength, (prompt_embeds, negative_prompt_embeds,
+                                                                          clip_skip, prompt_syntax))
         images = load_images(init_image, "init_image")
         height, width, h, w = self._image_size(images[0], height, width)
         self._check_memory(batch, height, width)
         latents = check_latents(latents, (batch, self.config.latent_channels, h, w))
         x = images_to_tensor(images, height, width, "init_image", batch)         # [K, 3, H, W] in [−1, 1]
+        control = self._control(controlnet, control_image, controlnet_scale, control_start, control_end, guess_mode,
+                                guidance_rescale, height, width, batch)
         generators = make_generators(batch, seed, generator)
         x0 = self.encode_images(x, generators, batch)                           # drawn first
         noise = starting_noise(latents, x0.shape, generators, self.device)      # then ε
-        return self._run(prompts=prompts, negative_prompts=negatives, num_images=num_images, steps=steps,
-                         guidance_scale=guidance_scale, sampler=sampler, generators=generators, noise=noise, x0=x0,
-                         strength=strength, output_type=output_type, callback=callback, progress=progress,
-                         clip_skip=clip_skip)
+        return self._run(encode=encode, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                         generators=generators, noise=noise, x0=x0, strength=strength, output_type=output_type,
+                         callback=callback, progress=progress, **control)
 
-    def inpaint(self, prompt, image, mask_image, negative_prompt=None, *, strength: float = 1.0,
+    def inpaint(self, prompt=None, image=None, mask_image=None, negative_prompt=None, *, strength: float = 1.0,
                 num_images: int = 1, steps: int = 30, guidance_scale: float = 7.5, sampler="dpmpp_2m",
                 seed: int | None = None, generator=None, latents: torch.Tensor | None = None,
                 height: int | None = None, width: int | None = None, output_type: str = "pil", callback=None,
-                progress: bool = True, clip_skip: int | None = None):
+                progress: bool = True, clip_skip: int | None = None, prompt_syntax: str = "a1111",
+                prompt_embeds=None, negative_prompt_embeds=None, controlnet=None, control_image=None, controlnet_scale=1.0, guess_mode: bool = False,
+                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0):
         """Repaint the white part of `mask_image` (black is kept). A 9-channel checkpoint conditions on the mask and
         the masked image; a regular one is steered by mask blending (see the module docstring).
 
@@ -288,14 +350,17 @@ class StableDiffusion:
         or a tensor [1, H, W] / [K, 1, H, W] in [0, 1]; binarised at 0.5. strength < 1 starts from the image
         noised (as img2img) instead of pure noise. Other arguments and the return value as `txt2img`.
         """
-        prompts, negatives, batch, sampler = self._prepare(prompt, negative_prompt, num_images, steps, sampler,
-                                                           output_type, guidance_scale, strength)
+        batch, sampler, encode = self._prepare(prompt, negative_prompt, num_images, steps, sampler, output_type,
+                                               guidance_scale, strength, (prompt_embeds, negative_prompt_embeds,
+                                                                          clip_skip, prompt_syntax))
         images, masks = load_images(image, "image"), load_images(mask_image, "mask_image")
         height, width, h, w = self._image_size(images[0], height, width)
         self._check_memory(batch, height, width)
         latents = check_latents(latents, (batch, self.config.latent_channels, h, w))
         x = images_to_tensor(images, height, width, "image", batch)              # [K, 3, H, W] in [−1, 1]
         mask = masks_to_tensor(masks, height, width, batch)                      # [K, 1, H, W], 0 keep / 1 repaint
+        control = self._control(controlnet, control_image, controlnet_scale, control_start, control_end, guess_mode,
+                                guidance_rescale, height, width, batch)
         if mask.shape[0] != x.shape[0]:
             mask, x = mask.expand(batch, -1, -1, -1), x.expand(batch, -1, -1, -1)
         masked_image = x * (mask < 0.5)                                          # the kept pixels, hole = 0 (grey)
@@ -318,43 +383,13 @@ class StableDiffusion:
             def blend(i: int, state: torch.Tensor) -> torch.Tensor:
                 known = sampler.noise_to_level(x0, noise, i)  # the original latents at the state's noise level
                 return (1 - mask_latent) * known + mask_latent * state  # keep where mask = 0, repaint where 1
-        return self._run(prompts=prompts, negative_prompts=negatives, num_images=num_images, steps=steps,
-                         guidance_scale=guidance_scale, sampler=sampler, generators=generators, noise=noise,
-                         x0=x0 if strength < 1.0 else None, strength=strength, after_step=blend, extra=extra,
-                         output_type=output_type, callback=callback, progress=progress, clip_skip=clip_skip)
+        return self._run(encode=encode, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                         generators=generators, noise=noise, x0=x0 if strength < 1.0 else None, strength=strength,
+                         after_step=blend, extra=extra, output_type=output_type, callback=callback,
+                         progress=progress, **control)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------------------
-
-def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None = torch.float32,
-                  device: str | torch.device = "cpu", tokenizer=None, fast: bool = True) -> StableDiffusion:
-    """Load an official SD v1 single file, a diffusers folder, or (path=None) the bundled tiny model.
-
-    dtype: the networks' dtype (default float32; None keeps the file's). tokenizer: None finds the vocabulary as
-    `load_tokenizer` does (a diffusers folder's tokenizer/, else the user cache); or a path for `load_tokenizer`,
-    or a tokenizer object.
-
-    fast: put the networks on the fast path (`ldm_scratch.fast.install`): the UNet and the VAE in channels_last
-    (10–18 % faster convolutions on CPU), the VAE's decoder in row bands at inference (a lower peak memory at
-    large sizes), and the memory the conversion freed handed back to the OS. `pipe.vae.decode(z)` then runs banded
-    too. fast=False leaves the networks as their classes build them (contiguous layout, plain vae.py layers), the
-    code a reader follows. Both give the same images up to float32 rounding (channels_last convolutions add up in
-    another order; the bands sum GroupNorm's statistics in two passes): on the bundled tiny model, max |fast −
-    plain| over [0, 1] pixels was 2.8e-5 at 64² and 6.2e-5 at 128² (4 steps; tests/test_pipeline.py).
-    """
-    check_device(device)                              # before loading: cuda without CUDA fails here, clearly
-    if path is None:
-        path = BUNDLED_MODEL
-        if not path.is_file():
-            raise CheckpointError(f"the bundled model {path} is missing; pass the path of a checkpoint instead")
-    loaded = load_models(path, use_ema=use_ema, dtype=dtype)
-    tokenizer_path = loaded.tokenizer_path
-    if isinstance(tokenizer, (str, Path, tuple, list)):
-        tokenizer_path, tokenizer = tokenizer, None
-    text_encoder, unet, vae = (m.to(device) for m in (loaded.text_encoder, loaded.unet, loaded.vae))
-    if fast:
-        install(text_encoder=text_encoder, unet=unet, vae=vae)
-    return StableDiffusion(text_encoder, unet, vae, loaded.config, tokenizer=tokenizer,
-                           tokenizer_path=tokenizer_path, device=device)
+def load_pipeline(path=None, **options) -> StableDiffusion:
+    """`ldm_scratch.load_pipeline`, which lives in loader.py (it builds this class); kept importable from here."""
+    from .loader import load_pipeline as load
+    return load(path, **options)

@@ -27,12 +27,17 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 class Attention(nn.Module):
     """Multi-head attention: queries from x [B, N, C], keys and values from `context` [B, M, D] (x itself when
     None: self-attention).  out = to_out(softmax(Q Kᵀ / √d_head) V), Q = x W_q, K = context W_k, V = context W_v.
-    The projections have no bias (as trained); to_out does."""
+    The projections have no bias (as trained); to_out does.
 
-    def __init__(self, dim: int, n_heads: int, context_dim: int | None = None):
+    upcast: compute softmax(Q Kᵀ / √d) V in float32 when the model runs in float16/bfloat16. SD 2.1's attention
+    scores can exceed float16's largest number (65,504), and the 768-v model then makes NaN (black) images in half
+    precision — why diffusers' SD 2.1 config sets `upcast_attention` (CompVis: ATTN_PRECISION = "fp32"). Only the
+    attention itself is upcast; the projections stay in the model's dtype. A no-op in float32."""
+
+    def __init__(self, dim: int, n_heads: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         context_dim = context_dim or dim
-        self.n_heads = n_heads
+        self.n_heads, self.upcast = n_heads, upcast
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -40,7 +45,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.n_heads))
+        q, k, v = self._upcast(self.to_q(x), self.to_k(context), self.to_v(context))
+        return self.to_out(attention(q, k, v, self.n_heads, layer=self).to(x.dtype))
+
+    def _upcast(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            return q.float(), k.float(), v.float()
+        return q, k, v
 
 
 class GEGLUFeedForward(nn.Module):
@@ -69,12 +80,12 @@ class TransformerBlock(nn.Module):
         x = x + GEGLU-FeedForward(LN(x))
     """
 
-    def __init__(self, dim: int, n_heads: int, context_dim: int):
+    def __init__(self, dim: int, n_heads: int, context_dim: int, upcast: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, n_heads)
+        self.self_attn = Attention(dim, n_heads, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, n_heads, context_dim)
+        self.cross_attn = Attention(dim, n_heads, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
@@ -88,22 +99,30 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer blocks applied to a feature map, with a residual around the whole thing:
 
-        h = proj_in(GroupNorm(x))                          1×1 conv (SD v1; SD 2 uses a Linear), [B, C, h, w]
+        h = proj_in(GroupNorm(x))                          1×1 conv (SD v1), [B, C, h, w]
         h = rearrange(h, "b c h w -> b (h w) c")           every pixel becomes a token
         h = TransformerBlock(h, context)  × depth
         out = x + proj_out(rearrange(h, "b (h w) c -> b c h w"))
 
     x [B, C, h, w], context [B, 77, D] → [B, C, h, w].
+
+    linear=True (SD 2, `use_linear_in_transformer`): proj_in and proj_out are Linear layers [C, C] applied to the
+    tokens, after the rearrange and before the way back. A 1×1 convolution is the same map on every pixel, so this
+    is the same function with the weights stored as [C, C] instead of [C, C, 1, 1].
     """
 
-    def __init__(self, channels: int, n_heads: int, context_dim: int, depth: int = 1, groups: int = 32):
+    def __init__(self, channels: int, n_heads: int, context_dim: int, depth: int = 1, groups: int = 32,
+                 linear: bool = False, upcast: bool = False):
         super().__init__()
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.blocks = nn.ModuleList(TransformerBlock(channels, n_heads, context_dim) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, n_heads, context_dim, upcast) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            return self._forward_linear(x, context)
         height, width = x.shape[-2:]
         # every pixel becomes a token; a free view when x is channels_last (already stored as [B, h, w, C])
         h = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
@@ -112,3 +131,12 @@ class SpatialTransformer(nn.Module):
         # back to [B, C, h, w], stored in x's memory layout so that proj_out and the residual need no conversion
         h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width).contiguous(memory_format=memory_format(x))
         return self.proj_out(h).add_(x)                              # x + proj_out(h)
+
+    def _forward_linear(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """SD 2's order: GroupNorm → tokens → Linear proj_in → blocks → Linear proj_out → back to [B, C, h, w]."""
+        height, width = x.shape[-2:]
+        h = self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
+        for block in self.blocks:
+            h = block(h, context)
+        h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=height, w=width)
+        return h.contiguous(memory_format=memory_format(x)).add_(x)     # x + proj_out(h)

@@ -3,7 +3,7 @@
 Stable Diffusion v1 conditions on OpenAI CLIP ViT-L/14's text tower, so it must cut text into exactly the tokens
 CLIP was trained on. That tokenizer is byte-level BPE (byte-pair encoding), and this file rebuilds it step by step:
 
-    "A <b>Fox</b>!"  ──clean──▶  "a <b>fox</b>!"            html.unescape ×2, whitespace collapse, lower-case
+    "A <b>Fox</b>!"  ──clean──▶  "a <b>fox</b>!"            ftfy.fix_text, html.unescape ×2, whitespace, lower
       ──pre-tokenize──▶  ["a", "<", "b", ">", "fox", "</", "b", ">!"]          words, single digits, symbol runs
       ──bytes→unicode──▶ each word's UTF-8 bytes as printable characters        ("é" → "Ã©", "🦊" → "ðŁ¦Ĭ")
       ──BPE──▶  "fox": ("f","o","x</w>") → ("fo","x</w>") → ("fox</w>",)        merges, lowest rank first
@@ -16,11 +16,11 @@ one entry per merge (the first 48,894 lines of OpenAI's `bpe_simple_vocab_16e6.t
 `<|startoftext|>` (BOS, 49406) and `<|endoftext|>` (EOS, 49407). A lower merge rank means the pair was more
 frequent when the merges were learned; BPE always applies the lowest-ranked pair present in the word next.
 
-Parity: ids equal OpenAI's reference (`clip/simple_tokenizer.py`) on the test corpus, with one documented
-difference: the reference first runs `ftfy.fix_text`, which repairs mojibake ("cafÃ©" → "café") and normalises
-fullwidth forms, ligatures, curly quotes and Unicode composition. We do not (ftfy is a large heuristic library);
-text that ftfy would change can get other ids. The regex package's `\\p{L}`/`\\p{N}` pattern is rewritten here
-with the standard library (see `pre_tokenize`).
+Parity: ids equal OpenAI's reference (`clip/simple_tokenizer.py`) on every prompt of the test corpus, ftfy on, as
+CLIP runs it. The cleaning is CLIP's own: `ftfy.fix_text` first (it repairs mojibake, "donâ€™t" → "don't", and
+normalises curly quotes, fullwidth forms, ligatures and Unicode composition; a small, well-kept library made for
+exactly this, so we call it rather than re-derive its heuristics), then HTML unescaping twice. The regex package's
+`\\p{L}`/`\\p{N}` pattern is rewritten here with the standard library (see `pre_tokenize`).
 
 Where things live: this file is the algorithm (cleaning, pre-tokenizer, BPE, `CLIPTokenizer`); vocabulary.py is
 the data it runs on — the byte alphabet (`bytes_to_unicode`), the vocabulary's layout and special ids, and the
@@ -37,6 +37,7 @@ import unicodedata
 import warnings
 from typing import NamedTuple, Sequence
 
+import ftfy
 import torch
 
 # every name of vocabulary.py stays importable from here (the tokenizer uses some, callers import the rest)
@@ -59,13 +60,19 @@ _WHITESPACE_RUN = re.compile(r"[^\S\x1c-\x1f]+")
 
 
 def clean_text(text: str) -> str:
-    """CLIP's text cleaning, in its order: unescape HTML twice, strip, collapse whitespace, strip, lower-case.
+    """CLIP's text cleaning, in its order: ftfy.fix_text, unescape HTML twice, strip, collapse whitespace, strip,
+    lower-case. "  Donâ€™t &amp;amp; ＦＵＬＬ  " → "don't & full".
 
-    Unescaping twice turns doubly escaped text ("&amp;lt;") into the character ("<"). `str.strip` is Python's
-    (it does remove U+001C..U+001F at the ends, as the reference does). ftfy.fix_text is left out: see the module
-    docstring.
+    ftfy.fix_text repairs text that went through the wrong encoding on its way from a web page (mojibake,
+    "cafÃ©" → "café"), straightens curly quotes (so "don’t" splits into "don" + "'t" like "don't"), maps fullwidth
+    forms and ligatures to plain letters, and composes accents (NFC). Unescaping twice turns doubly escaped text
+    ("&amp;lt;") into the character ("<"). `str.strip` is Python's (it does remove U+001C..U+001F at the ends, as the
+    reference does).
+
+    AUTOMATIC1111's web UI cleans differently: its tokenizer (Hugging Face's CLIPTokenizer) skips the HTML unescape,
+    so "&amp;" stays five characters there. We follow CLIP's own cleaning, the text CLIP was trained on.
     """
-    text = html.unescape(html.unescape(text)).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     text = _WHITESPACE_RUN.sub(" ", text).strip()
     return text.lower()
 
@@ -187,6 +194,10 @@ class CLIPTokenizer:
         self.eos_id = self.encoder["<|endoftext|>"]
         self.pad_id = self.eos_id if pad_id is None else pad_id
         self.cache: dict[str, tuple[str, ...]] = {t: (t,) for t in SPECIAL_TOKENS}   # word → its BPE pieces
+        # Added tokens (textual inversion): cleaned word → its ids, matched before BPE (`encode_words`). A
+        # multi-vector embedding is one word with n ids; its rows are also named word_1 … word_{n−1} (diffusers).
+        self.added_tokens: dict[str, list[int]] = {}
+        self.added_names: dict[int, str] = {}           # id → the name `decode` prints for it
 
     def __len__(self) -> int:
         return len(self.encoder)
@@ -227,14 +238,54 @@ class CLIPTokenizer:
             self.cache[word] = self.bpe_steps(word)[-1].symbols
         return self.cache[word]
 
+    # --- added tokens (textual_inversion.py fills the table) ---------------------------------------------------
+    def split_added(self, text: str) -> list[tuple[str, bool]]:
+        """Cleaned text → [(segment, is_added_token)]: "a <emb>, x" → [("a ", False), ("<emb>", True), (", x", False)].
+
+        An added token matches as a whole word, the longest first (so "emb_1" wins over "emb"): where its first
+        (last) character is a letter, the character before (after) it must not be one. That is where CLIP's
+        pre-tokenizer cuts words, and the web UI finds an embedding by the ids of its name, which start and end
+        at such cuts: "myemb" is found in "(myemb:1.2)", "myemb," and "myemb2" (digits are words of their own),
+        not in "myembs". (transformers' added tokens match any substring, "emb" inside "remember" too.)"""
+        if not self.added_tokens:
+            return [(text, False)]
+        names = sorted(self.added_tokens, key=len, reverse=True)
+        segments, start, i = [], 0, 0
+        while i < len(text):
+            name = next((n for n in names if text.startswith(n, i) and _whole_word(text, i, i + len(n))), None)
+            if name is None:
+                i += 1
+                continue
+            segments += [(text[start:i], False)] if i > start else []
+            segments.append((name, True))
+            i = start = i + len(name)
+        return segments + ([(text[start:], False)] if start < len(text) else [])
+
     # --- text ↔ ids ------------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[str]:
         """The token strings of `text` (no BOS/EOS): "A lighthouse!" → ['a</w>', 'lighthouse</w>', '!</w>']."""
-        return [piece for word in pre_tokenize(clean_text(text)) for piece in self.bpe(word)]
+        pieces = []
+        for segment, added in self.split_added(clean_text(text)):
+            if added:
+                pieces += [self.added_names[i] for i in self.added_tokens[segment]]
+            else:
+                pieces += [piece for word in pre_tokenize(segment) for piece in self.bpe(word)]
+        return pieces
+
+    def encode_words(self, text: str) -> list[list[int]]:
+        """Token ids of `text` in groups that must stay together: an added token's n ids (a multi-vector
+        embedding) are one group, every other id a group of its own. prompts.py keeps a group in one chunk."""
+        groups = []
+        for segment, added in self.split_added(clean_text(text)):
+            if added:
+                groups.append(list(self.added_tokens[segment]))
+            else:
+                groups += [[self.encoder[piece]] for word in pre_tokenize(segment) for piece in self.bpe(word)]
+        return groups
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS and without truncation."""
-        return [self.encoder[piece] for piece in self.tokenize(text)]
+        return [i for group in self.encode_words(text) for i in group]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Text from ids: byte-characters → UTF-8 bytes, `</w>` → a space. Lower-cased, and words split off by the
@@ -243,12 +294,19 @@ class CLIPTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         specials = {self.bos_id, self.eos_id} if skip_special_tokens else set()
-        unknown = [i for i in ids if i not in self.decoder]
+        unknown = [i for i in ids if i not in self.decoder and i not in self.added_names]
         if unknown:
             raise ValueError(f"ids {unknown[:5]} are not in the vocabulary (size {len(self)})")
-        chars = "".join(self.decoder[i] for i in ids if i not in specials)
-        data = bytes(CHAR_TO_BYTE[c] for c in chars)
-        return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+        text, run = "", []              # BPE ids are UTF-8 bytes, decoded a run at a time; an added id is its name
+        for i in [*ids, None]:
+            if i is not None and i not in self.added_names:
+                run.append(i)
+                continue
+            data = bytes(CHAR_TO_BYTE[c] for c in "".join(self.decoder[j] for j in run if j not in specials))
+            text += data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
+            text += f" {self.added_names[i]} " if i is not None else ""
+            run = []
+        return text.strip() if not self.added_names else " ".join(text.split())
 
     def __call__(self, texts: str | Sequence[str], max_length: int = CONTEXT_LENGTH,
                  pad_id: int | None = None) -> torch.Tensor:
@@ -274,6 +332,13 @@ class CLIPTokenizer:
             row = [self.bos_id, *ids, self.eos_id]
             rows.append(row + [pad_id] * (max_length - len(row)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), max_length)
+
+
+def _whole_word(text: str, begin: int, end: int) -> bool:
+    """text[begin:end] is not glued to a letter on a side where it starts/ends with a letter (`split_added`)."""
+    glued_before = begin > 0 and text[begin].isalpha() and text[begin - 1].isalpha()
+    glued_after = end < len(text) and text[end - 1].isalpha() and text[end].isalpha()
+    return not (glued_before or glued_after)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ Stage 2 — the text encoder and the UNet, jointly, on latents of the frozen aut
     c = CLIP(tokens(caption)), caption replaced by "" with probability caption_dropout
     L = E ‖ε − ε_θ(z_t, t, c)‖²                                                       (eq 4.3, diffusion.eps_loss)
 
+With `prediction="v"` (`--prediction v`, SD 2's 768-v) the target is the velocity instead (Salimans & Ho 2022):
+L = E ‖v − v_θ(z_t, t, c)‖², v = √ᾱ_t ε − √(1−ᾱ_t) z_0; with `zero_snr` (`--zero-snr`) the β schedule is rescaled
+so that ᾱ_T = 0 (Lin et al. 2023, diffusion.rescale_zero_terminal_snr). `init` fine-tunes stage 2 from a model file
+(stage 1 skipped; its autoencoder and latent scale kept) — how scripts/zero_snr_experiment.py compares them.
+
 ε also gets a small random constant per image and channel ("offset noise", `training_noise`): without it the
 network reads the overall colour off z_T, which at sampling time is noise (the docstring there says why).
 
@@ -59,7 +64,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import save_official
+from .checkpoint import load_models, save_official
 from .clip import CLIPTextModel
 from .configs import ModelConfig
 from .diffusion import Schedule, eps_loss
@@ -129,6 +134,20 @@ def training_noise(shape: torch.Size, offset: float, generator: torch.Generator)
     return eps
 
 
+def training_schedule(model_config: ModelConfig, cfg: TrainConfig) -> Schedule:
+    """The model's β schedule and prediction type, rescaled to zero terminal SNR when cfg.zero_snr asks."""
+    config = model_config.schedule().config
+    zero_snr = cfg.zero_snr or config.rescale_zero_terminal_snr
+    return Schedule(dataclasses.replace(config, rescale_zero_terminal_snr=zero_snr))
+
+
+def training_target(schedule: Schedule, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output [B, 4, h, w]: ε itself, or for a v-predicting schedule the velocity."""
+    if schedule.config.prediction_type == "v_prediction":
+        return schedule.v_from_x0_eps(z0, t, eps)  # v = √ᾱ_t ε − √(1−ᾱ_t) z_0  (Salimans & Ho 2022)
+    return eps
+
+
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to 0: lr = peak · ½(1 + cos(π·progress))."""
     if step < warmup:
@@ -169,15 +188,23 @@ def start_run(cfg: TrainConfig, checkpoint: dict | None) -> Run:
         for note in (checkpoint or {}).get("notes", []):  # resume flags that were applied: the user should know
             print(note, file=log, flush=True)
             print(note, file=sys.stderr)
-    text_encoder, unet, vae = (m.to(device) for m in build_models(cfg.model, cfg.seed))
+    model_config = cfg.model
+    if cfg.init:  # fine-tune: the file's networks and config (with its latent scale) instead of fresh ones
+        loaded = load_models(cfg.init)
+        text_encoder, unet, vae, model_config = loaded.text_encoder, loaded.unet, loaded.vae, loaded.config
+    else:
+        text_encoder, unet, vae = build_models(cfg.model, cfg.seed)
+    # what the UNet will predict, so that the exported file says it (ModelConfig.prediction_type)
+    model_config = dataclasses.replace(model_config, prediction_type=cfg.prediction_type)
+    text_encoder, unet, vae = (m.float().to(device) for m in (text_encoder, unet, vae))
     tokenizer = load_tokenizer()
     start = time.time()
-    images, captions = render_training_set(cfg.n_images, cfg.model.image_size, cfg.seed)
+    images, captions = render_training_set(cfg.n_images, model_config.image_size, cfg.seed, cfg.extreme_backgrounds)
     # each rank draws its own batches; all share the initial weights (same seed) and DDP keeps them equal
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     history = {"vae_loss": [], "loss": [], "rank": rank, "world_size": world_size, "model": None}
     run = Run(cfg, checkpoint, rank, world_size, device, log, text_encoder, unet, vae, tokenizer, images, captions,
-              generator, start, cfg.model, history)
+              generator, start, model_config, history)
     run.say(f"rendered {cfg.n_images} images in {time.time() - start:.1f} s")
     return run
 
@@ -240,7 +267,7 @@ def prepare_latents(run: Run) -> LatentData:
     whose checkpoint holds it), set latent_scale = 1 / std(z) in run.model_config."""
     run.vae.eval().requires_grad_(False)
     z_mean, z_std = encode_training_set(run.vae, run.images, run.device)
-    if run.checkpoint is None or run.checkpoint["stage"] == "vae":
+    if not run.cfg.init and (run.checkpoint is None or run.checkpoint["stage"] == "vae"):
         std = latent_std(z_mean, z_std, run.cfg.seed)
         run.model_config = dataclasses.replace(run.model_config, latent_scale=float(1.0 / std))
         run.say(f"latent scale {run.model_config.latent_scale:.5f} (std of latents {std:.4f})")
@@ -253,7 +280,8 @@ def prepare_latents(run: Run) -> LatentData:
 
 def diffusion_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
                    data: LatentData, step: int) -> tuple[torch.Tensor, float]:
-    """One optimizer step of stage 2 on a fresh batch: (L = mean‖ε − ε_θ(z_t, t, c)‖², learning rate)."""
+    """One optimizer step of stage 2 on a fresh batch: (L = mean‖ε − ε_θ(z_t, t, c)‖², or ‖v − v_θ‖² for a
+    v-predicting schedule, learning rate)."""
     cfg, generator, device = run.cfg, run.generator, run.device
     per_rank = cfg.batch_size // run.world_size
     lr = learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps)
@@ -265,7 +293,8 @@ def diffusion_step(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     z_t = schedule.q_sample(z0, t, eps)                                         # z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε
     drop = torch.rand(per_rank, generator=generator) < cfg.caption_dropout      # caption → "" (CFG)
     ids = torch.where(drop[:, None], data.empty_ids, data.input_ids[index]).to(device)
-    loss = eps_loss(eps, model(z_t, t.to(device), ids))                         # L = E‖ε − ε_θ(z_t, t, c)‖²
+    target = training_target(schedule, z0, t, eps)                              # ε, or v (prediction "v")
+    loss = eps_loss(target, model(z_t, t.to(device), ids))                      # L = E‖ε − ε_θ(z_t, t, c)‖² (or v)
     parameters = list(run.text_encoder.parameters()) + list(run.unet.parameters())
     optimizer_step(optimizer, loss, parameters, lr, cfg.grad_clip)
     return loss, lr
@@ -275,7 +304,7 @@ def train_diffusion(run: Run, data: LatentData, first_step: int, stop_at: int | 
     """Stage 2 from `first_step` to cfg.steps, with sample grids and checkpoints on the way; its optimizer when
     it ran to the end, None if it stopped at `stop_at` (counted over both stages)."""
     cfg = run.cfg
-    schedule = run.model_config.schedule()
+    schedule = training_schedule(run.model_config, cfg)
     run.text_encoder.train(), run.unet.train()
     model = wrap(TextToEps(run.text_encoder, run.unet), run.world_size, run.device)
     optimizer = torch.optim.AdamW(list(run.text_encoder.parameters()) + list(run.unet.parameters()), lr=cfg.lr,
@@ -295,7 +324,7 @@ def train_diffusion(run: Run, data: LatentData, first_step: int, stop_at: int | 
         if run.is_main and cfg.sample_every and done % cfg.sample_every == 0:
             sample_grid(run.text_encoder, run.unet, run.vae, run.tokenizer,
                         dataclasses.replace(cfg, model=run.model_config),
-                        run.out_dir / "samples" / f"step_{done:06d}.png")
+                        run.out_dir / "samples" / f"step_{done:06d}.png", schedule=schedule)
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 or cfg.vae_steps + done == stop_at:
             run.checkpoint_now("diffusion", done, optimizer)
         if cfg.vae_steps + done == stop_at:
@@ -340,9 +369,12 @@ def train(cfg: TrainConfig, resume: bool = True, stop_at: int | None = None, new
     new_stage2: when resuming a checkpoint whose stage 2 has not begun (a finished or time-boxed VAE), take stage
     2's recipe (STAGE2_FIELDS) from `cfg` instead of the checkpoint — one trained autoencoder, several stage 2s.
     """
+    if cfg.init and not Path(cfg.init).is_file():
+        raise FileNotFoundError(f"init {cfg.init!r}: no such model file; give the .safetensors to fine-tune from "
+                                f"(e.g. ldm_scratch/bundled/tiny-shapes.safetensors)")
     cfg, checkpoint = open_checkpoint(cfg, resume, new_stage2, force)
     run = start_run(cfg, checkpoint)
-    stage, step = run.restore() if checkpoint is not None else ("vae", 0)
+    stage, step = run.restore() if checkpoint is not None else ("diffusion" if cfg.init else "vae", 0)
     if stage == "vae":
         vae_optimizer = torch.optim.AdamW(run.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         run.restore_optimizer(vae_optimizer, "vae")

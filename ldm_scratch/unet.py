@@ -57,16 +57,27 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a SpatialTransformer after each ResBlock
     n_heads: int = 8                     # attention heads (SD v1 fixes the count; d_head = width / 8 = 40, 80, 160)
     transformer_depth: int = 1           # transformer blocks per SpatialTransformer
-    context_dim: int = 768               # width of the text encoder's output (CLIP ViT-L/14)
+    context_dim: int = 768               # width of the text encoder's output (CLIP ViT-L/14; 1024 for SD 2's OpenCLIP)
     norm_groups: int = 32                # GroupNorm groups everywhere
+    # SD 2.x (v2-inference-v.yaml) differs from SD v1 only in these three switches (and context_dim = 1024):
+    head_dim: int | None = None          # SD 2: 64-channel heads, heads = width / 64 = 5, 10, 20 (overrides n_heads)
+    linear_projection: bool = False      # SD 2: the SpatialTransformer's proj_in/proj_out are Linear [C, C]
+    upcast_attention: bool = False       # SD 2.1: attention in float32 when the UNet runs in half precision
+    # A full LCM UNet (Luo et al. 2023: distilled with the guidance scale as an input, no CFG) adds one Linear:
+    guidance_embed_dim: int | None = None  # width of its guidance-scale embedding (256; diffusers' time_cond_proj_dim)
 
     def __post_init__(self):
         self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
+        split = f"head_dim={self.head_dim}" if self.head_dim else f"n_heads={self.n_heads}"
         for width in (self.model_channels * m for m in self.channel_mult):
-            if width % self.norm_groups or width % self.n_heads:
+            if width % self.norm_groups or width % (self.head_dim or self.n_heads):
                 raise ValueError(f"UNetConfig: level width {width} must be divisible by norm_groups="
-                                 f"{self.norm_groups} and n_heads={self.n_heads}; choose model_channels accordingly "
+                                 f"{self.norm_groups} and {split}; choose model_channels accordingly "
                                  "(e.g. a multiple of 32).")
+
+    def heads(self, width: int) -> int:
+        """Attention heads at a level of this width: SD v1 fixes the count (8), SD 2 the head size (64)."""
+        return width // self.head_dim if self.head_dim else self.n_heads
 
     @property
     def time_dim(self) -> int:
@@ -93,15 +104,46 @@ def timestep_embedding(t: torch.Tensor, dim: int = 320, max_period: float = 1000
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class TimestepMLP(nn.Module):
-    """emb = Linear(SiLU(Linear(timestep_embedding(t)))): [B, 320] → [B, 1280], shared by every ResBlock."""
+def guidance_embedding(w: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """What a full LCM UNet reads the guidance scale w through (LCM's w-conditioning, after VDM's embedding):
 
-    def __init__(self, in_dim: int, time_dim: int):
+        freq_i = max_period^(−i / (dim/2 − 1)),  i = 0 … dim/2 − 1        (note dim/2 − 1: freq_last = 1/max_period)
+        emb(w) = [sin((w − 1)·1000 · freq_i) …, cos((w − 1)·1000 · freq_i) …]       (sin first, unlike the timestep's)
+
+    w: [B] the classifier-free guidance scale as users give it (LCM's w is ours − 1: diffusers' LCM pipeline
+    passes guidance_scale − 1) → [B, dim] float32. The frequencies are computed in float32 as the reference does:
+    at (w − 1)·1000 = 7000 one float32 rounding of a frequency would move the angle by ~4e-4.
+    """
+    half = dim // 2
+    step = torch.log(torch.tensor(max_period, dtype=torch.float32)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -step)
+    angles = ((w.float() - 1) * 1000.0)[:, None] * freqs[None, :]       # [B, dim/2]
+    return F.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1), (0, dim % 2))   # odd dim: a zero column
+
+
+class TimestepMLP(nn.Module):
+    """emb = Linear(SiLU(Linear(timestep_embedding(t)))): [B, 320] → [B, 1280], shared by every ResBlock.
+
+    A full LCM UNet (guidance_dim set) first adds the guidance scale, projected to the timestep embedding's width:
+    t_emb + guidance_proj(guidance_embedding(w)), guidance_proj a bias-free Linear [256 → 320] ("cond_proj").
+    """
+
+    def __init__(self, in_dim: int, time_dim: int, guidance_dim: int | None = None):
         super().__init__()
+        self.guidance_proj = nn.Linear(guidance_dim, in_dim, bias=False) if guidance_dim else None
         self.linear1 = nn.Linear(in_dim, time_dim)
         self.linear2 = nn.Linear(time_dim, time_dim)
 
-    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, t_emb: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """t_emb [B, 320] (timestep_embedding), guidance [B] the scale w (full LCM UNet only) → [B, 1280]."""
+        if (guidance is None) != (self.guidance_proj is None):
+            raise ValueError("a full LCM UNet needs the guidance scale (UNet(x, t, context, guidance=w)); other UNets "
+                             "take none (their guidance is classifier-free guidance, in the pipeline)"
+                             if guidance is None else "this UNet has no guidance embedding (not a full LCM "
+                             "UNet): leave guidance=None and apply the scale by classifier-free guidance")
+        if guidance is not None:
+            w_emb = guidance_embedding(guidance, self.guidance_proj.in_features).to(t_emb.dtype)   # [B, 256]
+            t_emb = t_emb + self.guidance_proj(w_emb)                    # [B, 320] + [B, 320]
         return self.linear2(F.silu(self.linear1(t_emb)))
 
 
@@ -143,6 +185,12 @@ class ResBlock(nn.Module):
 # The levels of the UNet
 # ---------------------------------------------------------------------------------------------------------------
 
+def spatial_transformer(width: int, c: UNetConfig) -> SpatialTransformer:
+    """The SpatialTransformer of a level of this width, as the config says (SD v1 or SD 2 style)."""
+    return SpatialTransformer(width, c.heads(width), c.context_dim, c.transformer_depth, c.norm_groups,
+                              linear=c.linear_projection, upcast=c.upcast_attention)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour ×2 (to the size of the skip it will meet, so odd sizes work), then a 3×3 conv."""
 
@@ -164,8 +212,7 @@ class DownLevel(nn.Module):
         self.res = nn.ModuleList(ResBlock(in_channels if j == 0 else width, width, c.time_dim, c.norm_groups)
                                  for j in range(c.num_res_blocks))
         self.attn = nn.ModuleList(
-            SpatialTransformer(width, c.n_heads, c.context_dim, c.transformer_depth, c.norm_groups)
-            for _ in range(c.num_res_blocks)) if attention else None
+            spatial_transformer(width, c) for _ in range(c.num_res_blocks)) if attention else None
         self.downsample = nn.Conv2d(width, width, 3, stride=2, padding=1) if downsample else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
@@ -188,7 +235,7 @@ class Middle(nn.Module):
         super().__init__()
         c = config
         self.res1 = ResBlock(width, width, c.time_dim, c.norm_groups)
-        self.attn = SpatialTransformer(width, c.n_heads, c.context_dim, c.transformer_depth, c.norm_groups)
+        self.attn = spatial_transformer(width, c)
         self.res2 = ResBlock(width, width, c.time_dim, c.norm_groups)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -206,9 +253,7 @@ class UpLevel(nn.Module):
         inputs = [in_channels] + [width] * (len(skip_channels) - 1)
         self.res = nn.ModuleList(ResBlock(ch + skip, width, c.time_dim, c.norm_groups)
                                  for ch, skip in zip(inputs, skip_channels))
-        self.attn = nn.ModuleList(
-            SpatialTransformer(width, c.n_heads, c.context_dim, c.transformer_depth, c.norm_groups)
-            for _ in skip_channels) if attention else None
+        self.attn = nn.ModuleList(spatial_transformer(width, c) for _ in skip_channels) if attention else None
         self.upsample = Upsample(width) if upsample else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
@@ -234,7 +279,7 @@ class UNet(nn.Module):
         widths = [c.model_channels * m for m in c.channel_mult]          # SD v1: 320, 640, 1280, 1280
         last = len(widths) - 1
 
-        self.time_embedding = TimestepMLP(c.model_channels, c.time_dim)
+        self.time_embedding = TimestepMLP(c.model_channels, c.time_dim, c.guidance_embed_dim)
         self.input_conv = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
 
         # the encoder half; skip_channels records the width of every activation pushed onto the skip stack
@@ -258,7 +303,11 @@ class UNet(nn.Module):
         self.output_norm = nn.GroupNorm(c.norm_groups, ch)
         self.output_conv = nn.Conv2d(ch, c.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                control: tuple[list[torch.Tensor], torch.Tensor] | None = None,
+                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+        """control: a ControlNet's (skip residuals, middle residual), already scaled (controlnet.py): each residual
+        is added to the activation the UNet reads it with, as cldm.py does: skip_i + r_i, middle + r_mid."""
         if x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects {self.config.in_channels} input channels, got x of shape "
                              f"{list(x.shape)}" + (" (the inpainting model takes 9: latent, mask, masked-image "
@@ -268,12 +317,18 @@ class UNet(nn.Module):
             raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got {t.shape[0]}")
         t = t.expand(x.shape[0])
 
-        emb = self.time_embedding(timestep_embedding(t, self.config.model_channels).to(x.dtype))   # [B, 1280]
+        if guidance is not None:                     # a full LCM UNet's guidance scale w, one per sample: [B]
+            guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embedding(timestep_embedding(t, self.config.model_channels).to(x.dtype), guidance)   # [B, 1280]
         h = self.input_conv(x)
         skips = [h]
         for level in self.down:
             h = level(h, emb, context, skips)
         h = self.middle(h, emb, context)
+        if control is not None:                      # ControlNet: the residuals join the skips and the middle
+            down_residuals, middle_residual = control
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
+            h = h + middle_residual
         for level in reversed(self.up):
             h = level(h, emb, context, skips)
         return self.output_conv(F.silu(self.output_norm(h), inplace=True))

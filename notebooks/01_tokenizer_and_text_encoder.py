@@ -48,7 +48,8 @@ print(f"vocabulary: {len(tok):,} tokens = 2·256 byte tokens + {len(tok.ranks):,
 # %% [markdown]
 # ## From text to words
 #
-# `clean_text` unescapes HTML, collapses whitespace and lower-cases; `pre_tokenize` cuts the text into words,
+# `clean_text` runs `ftfy.fix_text`, unescapes HTML twice, collapses whitespace and lower-cases (as CLIP does);
+# `pre_tokenize` cuts the text into words,
 # single digits and runs of symbols with CLIP's pattern. BPE then works inside each word separately.
 
 # %%

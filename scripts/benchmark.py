@@ -1,6 +1,6 @@
 """Side-by-side benchmark of ldm_scratch against diffusers/transformers on identical full-size SD v1.5 weights.
 
-    python scripts/benchmark.py [--repeats 3] [--warmup 1] [--only unet,vae,text,txt2img,memory]
+    python scripts/benchmark.py [--repeats 3] [--warmup 1] [--only unet,vae,text,txt2img,memory,taesd,lcm,lcm_taesd]
                                 [--steps 4] [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--json results.json]
 
 Random weights in the official single-file layout (scripts/synthetic_checkpoint.py; written once to
@@ -14,6 +14,16 @@ transformers (`CLIPTextModel`). Speed rows run in ONE process, interleaved (ours
     text     CLIP text encoder on ids [2, 77]
     txt2img  a whole 512² txt2img (tokenize, encode, `--steps` DDIM steps with CFG, decode); diffusers'
              StableDiffusionPipeline built from the same components (safety_checker=None)
+    taesd    TAESD decode of a 512² image (fast/taesd.py vs diffusers' AutoencoderTiny, the same random weights):
+             scaled latents [1, 4, 64, 64] → [1, 3, 512, 512]; compare with the vae row for TAESD vs the KL-VAE
+    lcm      a whole 512² txt2img with the `lcm` sampler, 4 steps, guidance_scale 1 (no CFG: LCM-LoRA's setting;
+             the UNet's weights are random, so the LoRA itself would change no time); diffusers' pipeline with
+             LCMScheduler. Compare with `--only txt2img --steps 30` for the 30-step default.
+    lcm_taesd  the same, decoded by TAESD (ours: pipe.vae = TAESD; diffusers: vae = AutoencoderTiny)
+    deepcache  the txt2img row's work with DeepCache, interval 3, branch 0 (ours: deepcache_interval=3; diffusers:
+             the DeepCache package's DeepCacheSDHelper.set_params(3, 0)); its speed-up: against the txt2img row
+    tome     the same with token merging, ratio 0.5 (ours: tome_ratio=0.5; diffusers: tomesd.apply_patch(ratio=0.5,
+             use_rand=False)). Both need the [reference] extra; use `--steps 12` or more for DeepCache to matter.
     memory   load + one txt2img in a fresh process per library (so its peak RSS, VmHWM, is that work's alone);
              also gives the load time. diffusers is measured twice: loading the same single file (its
              from_single_file path) and loading the same weights saved in its own folder layout (from_pretrained,
@@ -49,7 +59,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 DEFAULT_FILE = Path(tempfile.gettempdir()) / "ldm_scratch_synthetic_fp32.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ROWS = ("unet", "vae", "text", "txt2img", "memory")
+ROWS = ("unet", "vae", "text", "txt2img", "memory", "taesd", "lcm", "lcm_taesd", "deepcache", "tome")
+DEEPCACHE_INTERVAL, TOME_RATIO = 3, 0.5
+LCM_STEPS = 4
 PROMPT, NEGATIVE = "a watercolor painting of a fox in the snow", "blurry"
 
 
@@ -142,6 +154,29 @@ def load_theirs(path: Path, dtype: torch.dtype, device: str, channels_last: bool
     return pipe
 
 
+def tiny_pair_for_dry_run():
+    """(ours, diffusers' StableDiffusionPipeline) on the bundled tiny model's weights, with the tests' small
+    vocabulary: for checking the scripts' code paths on a CPU (benchmark_gpu.sh DRY_RUN=1), not for timing."""
+    import diffusers
+    import transformers
+    from safetensors.torch import load_file
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pipeline_fixtures import write_vocabulary
+    from reference_models import reference_networks
+    from ldm_scratch.pipeline import BUNDLED_MODEL, load_pipeline
+    vocabulary = write_vocabulary(Path(tempfile.mkdtemp()))
+    ours = load_pipeline(tokenizer=vocabulary)
+    text_encoder, unet, vae = reference_networks(load_file(str(BUNDLED_MODEL)), ours.config)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    theirs = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler, safety_checker=None,
+        tokenizer=transformers.CLIPTokenizer(*map(str, vocabulary), model_max_length=77),
+        feature_extractor=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What is timed
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,10 +190,86 @@ def inputs(dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
             "ids": torch.randint(0, 49406, (2, 77), generator=g).to(device)}
 
 
-def workloads(ours, theirs, data: dict, steps: int) -> dict[str, tuple]:
-    """row → (ours(), theirs()): the same computation in each library."""
+def load_taesd_pair(dtype: torch.dtype, device: str, ours_channels_last: bool, theirs_channels_last: bool):
+    """(our TAESD, diffusers' AutoencoderTiny) holding the same random weights: diffusers' default init, saved as an
+    AutoencoderTiny folder and loaded by ours through load_taesd (its diffusers-folder key rules)."""
+    import diffusers
+    from ldm_scratch.fast.taesd import load_taesd
+    torch.manual_seed(0)
+    theirs = diffusers.AutoencoderTiny().eval()
+    folder = Path(tempfile.mkdtemp()) / "taesd"
+    theirs.save_pretrained(folder)
+    ours = load_taesd(folder, dtype=dtype).to(device)
+    theirs = theirs.to(device, dtype)
+    for model, flag in ((ours, ours_channels_last), (theirs, theirs_channels_last)):
+        if flag:
+            model.to(memory_format=torch.channels_last)
+    return ours, theirs
+
+
+def lcm_pipelines(ours, theirs, taesd_pair=None):
+    """The loaded pipelines with the LCM sampler / LCMScheduler, the same networks (and TAESD as the VAE if given)."""
+    import diffusers
+    from ldm_scratch.pipeline import StableDiffusion
+    vae = ours.vae if taesd_pair is None else taesd_pair[0]
+    mine = StableDiffusion(ours.text_encoder, ours.unet, vae, ours.config, tokenizer=ours.tokenizer,
+                           device=ours.device)
+    components = {**theirs.components, "scheduler": diffusers.LCMScheduler.from_config(theirs.scheduler.config)}
+    if taesd_pair is not None:
+        components["vae"] = taesd_pair[1]
+    reference = diffusers.StableDiffusionPipeline(**components)
+    reference.set_progress_bar_config(disable=True)
+    return mine, reference
+
+
+def lcm_runs(mine, reference) -> tuple:
+    return (lambda: mine.txt2img(PROMPT, steps=LCM_STEPS, sampler="lcm", guidance_scale=1.0, seed=0,
+                                 output_type="np", progress=False),
+            lambda: reference(PROMPT, num_inference_steps=LCM_STEPS, guidance_scale=1.0,
+                              generator=torch.Generator().manual_seed(0), output_type="np").images)
+
+
+def fast_runs(ours, theirs, steps: int, row: str) -> tuple:
+    """The txt2img row with DeepCache or ToMe (row). The packages patch diffusers' UNet in place, so they are
+    switched on for the call only: the other rows keep timing the plain UNet."""
+    import tomesd
+    from DeepCache import DeepCacheSDHelper
+    option = {"deepcache": dict(deepcache_interval=DEEPCACHE_INTERVAL), "tome": dict(tome_ratio=TOME_RATIO)}[row]
+
+    def reference():
+        if row == "deepcache":
+            helper = DeepCacheSDHelper(pipe=theirs)
+            helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=0)
+            helper.enable()
+            undo = helper.disable
+        else:
+            tomesd.apply_patch(theirs, ratio=TOME_RATIO, use_rand=False)
+            undo = lambda: tomesd.remove_patch(theirs)          # noqa: E731
+        try:
+            return theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                          generator=torch.Generator().manual_seed(0), output_type="np").images
+        finally:
+            undo()
+    return (lambda: ours.txt2img(PROMPT, NEGATIVE, steps=steps, sampler="ddim", seed=0, output_type="np",
+                                 progress=False, **option), reference)
+
+
+def workloads(ours, theirs, data: dict, steps: int, rows=(), dtype=torch.float32, device="cpu",
+              channels_last=(True, False)) -> dict[str, tuple]:
+    """row → (ours(), theirs()): the same computation in each library. The TAESD / LCM rows are built only when
+    asked for (`rows`)."""
     x, t, context, z, ids = (data[k] for k in ("x", "t", "context", "z", "ids"))
-    return {
+    extra = {}
+    if {"taesd", "lcm_taesd"} & set(rows):
+        pair = load_taesd_pair(dtype, device, *channels_last)
+        extra["taesd"] = (lambda: pair[0].decoder(z), lambda: pair[1].decode(z).sample)
+        if "lcm_taesd" in rows:
+            extra["lcm_taesd"] = lcm_runs(*lcm_pipelines(ours, theirs, pair))
+    if "lcm" in rows:
+        extra["lcm"] = lcm_runs(*lcm_pipelines(ours, theirs))
+    for row in {"deepcache", "tome"} & set(rows):
+        extra[row] = fast_runs(ours, theirs, steps, row)
+    return {**extra,
         "unet": (lambda: ours.unet(x, t, context),
                  lambda: theirs.unet(x, t, encoder_hidden_states=context).sample),
         "vae": (lambda: ours.vae.decode(z),
@@ -357,7 +468,8 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         theirs = load_theirs(args.checkpoint, dtype, args.device, args.diffusers_channels_last)
         print(f"loaded diffusers in {time.perf_counter() - start:.1f} s", flush=True)
-        runs = workloads(ours, theirs, inputs(dtype, args.device), args.steps)
+        runs = workloads(ours, theirs, inputs(dtype, args.device), args.steps, speed_rows, dtype, args.device,
+                         (not args.no_channels_last, args.diffusers_channels_last))
         for row in speed_rows:
             mine, reference = interleaved(runs[row], args.warmup, args.repeats, args.device)
             report["rows"][row] = {"ours_s": statistics.median(mine), "diffusers_s": statistics.median(reference),
@@ -388,10 +500,19 @@ def main(argv=None) -> None:
 
 def print_table(report: dict, args) -> None:
     labels = {"unet": "UNet step, CFG [2,4,64,64]", "vae": "VAE decode 512²", "text": "text encode [2,77]",
-              "txt2img": f"txt2img 512², {args.steps} DDIM steps"}
+              "txt2img": f"txt2img 512², {args.steps} DDIM steps", "taesd": "TAESD decode 512²",
+              "lcm": f"txt2img 512², LCM {LCM_STEPS} steps, no CFG", "lcm_taesd": f"… LCM {LCM_STEPS} steps + TAESD",
+              "deepcache": f"… {args.steps} steps + DeepCache N={DEEPCACHE_INTERVAL}",
+              "tome": f"… {args.steps} steps + ToMe ratio {TOME_RATIO}"}
     print(f"\n{'':42} {'ours':>10} {'diffusers':>10} {'ours/diffusers':>15}")
     for row, r in report["rows"].items():
         print(f"{labels[row]:42} {r['ours_s']:9.3f}s {r['diffusers_s']:9.3f}s {r['ours_s'] / r['diffusers_s']:14.3f}×")
+    rows = report["rows"]
+    if "taesd" in rows and "vae" in rows:
+        print(f"{'TAESD / KL-VAE decode, ours':42} {rows['taesd']['ours_s'] / rows['vae']['ours_s']:20.3f}×")
+    for row in ("deepcache", "tome"):
+        if row in rows and "txt2img" in rows:
+            print(f"{row + ' / plain txt2img, ours':42} {rows[row]['ours_s'] / rows['txt2img']['ours_s']:20.3f}×")
     if "memory" in report:
         m = report["memory"]
         for theirs, how in (("diffusers", "same single file"), ("diffusers-folder", "diffusers folder")):

@@ -50,12 +50,12 @@ def test_generate_writes_a_png_whose_metadata_parses_back(model, tmp_path, capsy
 def test_parameters_text_is_automatic1111s_format():
     text = format_parameters("a fox, running", "", steps=30, sampler="euler_a", guidance_scale=7.5, seed=1,
                              width=512, height=768, model="v1-5", strength=0.75)
-    assert text == ("a fox, running\nSteps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 512x768, "
-                    "Model: v1-5, Denoising strength: 0.75")
+    assert text == ("a fox, running\nSteps: 30, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5, Seed: 1, "
+                    "Size: 512x768, Model: v1-5, Denoising strength: 0.75")
     back = parse_parameters(format_parameters("two\nlines", "bad: hands, blurry", steps=3, sampler="dpmpp_2m",
                                               guidance_scale=7, seed=9, width=64, height=64, model='my, "model"'))
     assert back["prompt"] == "two\nlines" and back["negative_prompt"] == "bad: hands, blurry"
-    assert back["Model"] == 'my, "model"' and back["Sampler"] == "DPM++ 2M" and back["CFG scale"] == "7"
+    assert back["Model"] == 'my, "model"' and back["Sampler"] == "DPM++ 2M" and back["CFG scale"] == "7.0"
 
 
 def test_never_overwrites_without_force_and_numbers_n_images(model, tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_img2img_and_inpaint_commands(model, tmp_path):
     assert meta["Denoising strength"] == "0.5" and meta["Size"] == "64x64"
     assert run(model, "inpaint", "a fox", "--image", str(init), "--mask", str(mask), "--seed", "3",
                "--out", str(tmp_path / "inpainted.png"), checkpoint="inpainting") == 0
-    assert parameters(tmp_path / "inpainted.png")["Denoising strength"] == "1"
+    assert parameters(tmp_path / "inpainted.png")["Denoising strength"] == "1.0"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,17 +18,21 @@ MAX_LINES = 400
 
 # Lowest first. A module may import from its own layer and the layers before it, never from a later one.
 LAYERS = [
-    ("foundations", {"attention", "diffusion", "vocabulary", "images", "data", "fast.memory", "files"}),
-    ("networks and text", {"clip", "spatial_transformer", "unet", "vae", "tokenizer", "samplers"}),
+    ("foundations", {"attention", "diffusion", "vocabulary", "images", "data", "fast.memory", "files",
+                     "control_images"}),
+    ("networks and text", {"clip", "spatial_transformer", "unet", "controlnet", "vae", "tokenizer", "prompts",
+                           "samplers"}),
     ("configs", {"configs"}),
-    ("files and speed", {"checkpoint", "fast", "seeds", "arguments"}),
-    ("pipeline", {"pipeline"}),
+    ("files and speed", {"checkpoint", "fast", "seeds", "arguments", "lora", "merging", "parameters",
+                         "textual_inversion"}),
+    ("pipeline", {"pipeline", "loader", "guidance", "editing", "control", "conditioning", "instruct"}),
     ("training", {"train", "training"}),
     ("command line", {"cli", "__main__", "__init__"}),
 ]
 # The networks, as the paper draws them: they may import nothing of ours but the attention function.
 MODEL_FILES = {"attention": set(), "clip": {"attention"}, "spatial_transformer": {"attention"},
-               "unet": {"attention", "spatial_transformer"}, "vae": {"attention"}}
+               "unet": {"attention", "spatial_transformer"}, "vae": {"attention"},
+               "controlnet": {"attention", "spatial_transformer", "unet"}}
 
 
 def module_name(path: Path) -> str:

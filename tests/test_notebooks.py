@@ -29,8 +29,10 @@ SOURCES = builder.sources()
 BUDGET_S = float(os.environ.get("LDM_NOTEBOOK_BUDGET_S", "120"))
 
 
-def test_there_are_eight_notebooks_each_with_its_source():
-    assert [p.name[:3] for p in SOURCES] == [f"{i:02d}_" for i in range(1, 9)], [p.name for p in SOURCES]
+def test_the_notebooks_are_numbered_each_with_its_source():
+    # 01–09 at least (09_prompts is issue 15's); later numbers arrive with other issues, each number once
+    numbers = [int(p.name[:2]) for p in SOURCES]
+    assert numbers[:9] == list(range(1, 10)) and numbers == sorted(set(numbers)), [p.name for p in SOURCES]
     executed = sorted((ROOT / "notebooks").glob("*.ipynb"))
     assert [p.stem for p in executed] == [p.stem for p in SOURCES]
 

@@ -1,8 +1,8 @@
 """Tests of the CLIP tokenizer (ldm_scratch/tokenizer.py) and where its vocabulary comes from (vocabulary.py).
 
 Three groups:
-- no vocabulary needed: byte table, cleaning, pre-tokenizer, BPE on a hand-made merge list, the cache/download
-  error paths (pip is replaced by a fake);
+- no vocabulary needed: byte table, cleaning (ftfy first, as CLIP), pre-tokenizer, BPE on a hand-made merge list,
+  the cache/download error paths (pip is replaced by a fake);
 - OpenAI's vocabulary, fetched once into the user cache by load_tokenizer() (skipped with the reason when that is
   impossible, e.g. offline): golden ids from tests/data/tokenizer_golden.json, the [B, 77] batch, truncation,
   decode, the diffusers/HF file format;
@@ -46,11 +46,6 @@ def _golden_script():
     return module
 
 
-def _expected_ids(entry) -> list[int]:
-    """What ldm_scratch must give: the reference's ids, or for prompts ftfy rewrites, the ftfy-free reference's."""
-    return entry.get("ids_without_ftfy", entry["ids"])
-
-
 @pytest.fixture(scope="session")
 def tok() -> CLIPTokenizer:
     try:
@@ -76,10 +71,26 @@ def test_byte_table_is_a_printable_bijection():
 def test_clean_text():
     assert clean_text("  A <b>Fox</b>\t\n  RUNS  ") == "a <b>fox</b> runs"
     assert clean_text("Tom &amp;amp; Jerry &lt;3") == "tom & jerry <3"          # unescaped twice, not three times
-    assert clean_text("&amp;amp;amp;") == "&amp;"
-    assert clean_text("a\u3000b\u00a0c\u2028d\x85e") == "a b c d e"           # Unicode White_Space collapses
-    assert clean_text("\x1c a\x1cb \x1c") == "a\x1cb"                         # U+001C: stripped at the ends only
+    # ftfy.fix_text unescapes once more, unless the text looks like HTML (holds a "<"): then CLIP's two are all
+    assert clean_text("&amp;amp;amp;") == "&" and clean_text("<b> &amp;amp;amp;") == "<b> &amp;"
+    assert clean_text("a\u3000b\u00a0c\u2028d\u2029e\u1680f") == "a b c d e f"  # Unicode White_Space collapses
+    assert clean_text("\x1c a\x1cb \x1c") == "ab"                              # ftfy drops control characters
+    assert clean_text("a\x85b") == "a…b"                      # ftfy reads a lone C1 control as Windows-1252
     assert clean_text("İSTANBUL") == "i\u0307stanbul"                              # Python's lower(), as CLIP
+
+
+@pytest.mark.parametrize("text, cleaned", [
+    ("don’t “quote” ‘single’", "don't \"quote\" 'single'"),                 # ftfy straightens curly quotes
+    ("The Mona Lisa doesnâ€™t", "the mona lisa doesn't"),                   # … and repairs mojibake
+    ("cafÃ© crÃ¨me", "café crème"),
+    ("ＭＡＳＴＥＲＰＩＥＣＥ，（ｃｈｉｂｉ：１．２）", "masterpiece,(chibi:1.2)"),     # fullwidth → ASCII
+    ("ﬁreﬂies", "fireflies"),                                               # ligatures
+    ("Poke\u0301mon", "pok\u00e9mon"),                                        # NFD → NFC
+    ("\ufeffBOM \x1b[31mred\x1b[0m", "bom red"),                              # BOM, terminal escapes dropped
+    ("&amp;quot;x&amp;quot; &amp;amp;amp;", "\"x\" &"),                       # ftfy's unescape, then CLIP's two
+])
+def test_clean_text_runs_ftfy_first(text, cleaned):
+    assert clean_text(text) == cleaned
 
 
 @pytest.mark.parametrize("text, words", [
@@ -220,13 +231,14 @@ def test_bad_paths_give_clear_errors(tmp_path):
 
 
 def test_corpus_is_deterministic_and_matches_golden():
-    corpus = _golden_script().build_corpus()
+    script = _golden_script()
+    corpus = script.build_corpus()
     assert corpus == [entry["text"] for entry in PROMPTS]             # the fixture is up to date with the script
-    plain = [e for e in PROMPTS if not e["ftfy"]]
-    assert len(PROMPTS) >= 500 and len(plain) >= 500
+    assert len(PROMPTS) == GOLDEN["n_prompts"] == 731 and len(script.WEB_PASTED) >= 60
     assert "" in corpus and sum(len(e["ids"]) > 75 for e in PROMPTS) >= 10
-    for e in PROMPTS:
-        assert e["ftfy"] == ("ids_without_ftfy" in e)
+    # the corpus keeps exercising ftfy: 67 prompts get other ids without it (41 before the pasted-from-the-web set)
+    assert sum(e["ftfy"] for e in PROMPTS) == GOLDEN["n_ftfy"] == 67
+    assert all(set(e) == {"text", "ids", "ftfy"} for e in PROMPTS)   # one expected answer per prompt, no escape hatch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,11 +253,9 @@ def test_vocabulary_layout(tok):
 
 
 def test_golden_ids(tok):
-    """Ids equal OpenAI's reference tokenizer on every prompt ftfy leaves alone, and its ftfy-free ids elsewhere."""
-    wrong = [(e["text"], tok.encode(e["text"]), _expected_ids(e)) for e in PROMPTS
-             if tok.encode(e["text"]) != _expected_ids(e)]
-    assert not wrong, f"{len(wrong)} prompts differ, first: {wrong[:3]}"
-    assert sum(tok.encode(e["text"]) == e["ids"] for e in PROMPTS) == sum(not e["ftfy"] for e in PROMPTS)
+    """Ids equal OpenAI's reference tokenizer (ftfy on, as CLIP runs it) on every prompt of the corpus."""
+    wrong = [(e["text"], tok.encode(e["text"]), e["ids"]) for e in PROMPTS if tok.encode(e["text"]) != e["ids"]]
+    assert not wrong, f"{len(wrong)} of {len(PROMPTS)} prompts differ, first: {wrong[:3]}"
 
 
 def test_batch_is_bos_ids_eos_padding(tok):
@@ -255,9 +265,9 @@ def test_batch_is_bos_ids_eos_padding(tok):
         batch = tok(texts)
     assert batch.dtype == torch.long and batch.shape == (len(texts), 77)
     for row, entry in zip(batch.tolist(), PROMPTS):
-        ids = _expected_ids(entry)[:75]
+        ids = entry["ids"][:75]
         assert row == [BOS_ID, *ids, EOS_ID] + [EOS_ID] * (75 - len(ids))
-    too_long = [k for k, e in enumerate(PROMPTS) if len(_expected_ids(e)) > 75]
+    too_long = [k for k, e in enumerate(PROMPTS) if len(e["ids"]) > 75]
     assert [str(w.message).split()[1] for w in caught] == [str(k) for k in too_long]   # one warning per long prompt
 
 
@@ -378,6 +388,7 @@ def test_character_classes_match_the_regex_package():
 @pytest.mark.parity
 def test_pre_tokenizer_and_whitespace_match_the_regex_package():
     regex = pytest.importorskip("regex", reason="needs the [reference] extra")
+    import ftfy
     pattern = regex.compile(CLIP_PATTERN, regex.IGNORECASE)
     alphabet = ["'", "<", "|", ">", "s", "S", "ſ", "t", "r", "e", "v", "m", "l", "d", "K", "x", "1", "٣", "Ⅻ", "½",
                 " ", "\t", "\x1c", "\x1f", "\x85", "\xa0", "\u3000", "\u0345", "é", "\u0301", "!", "🦊", "\u200d",
@@ -388,8 +399,8 @@ def test_pre_tokenizer_and_whitespace_match_the_regex_package():
     for text in samples:
         cleaned = clean_text(text)
         assert pre_tokenize(cleaned) == pattern.findall(cleaned), repr(cleaned)
-        unescaped = T.html.unescape(T.html.unescape(text)).strip()               # CLIP's basic_clean minus ftfy
-        assert clean_text(text) == regex.sub(r"\s+", " ", unescaped).strip().lower()
+        basic = T.html.unescape(T.html.unescape(ftfy.fix_text(text))).strip()    # CLIP's basic_clean
+        assert clean_text(text) == regex.sub(r"\s+", " ", basic).strip().lower()
 
 
 @pytest.fixture(scope="session")
@@ -406,21 +417,16 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parity
 def test_live_parity_with_openai_simple_tokenizer(tok, reference):
-    """Live: our ids = OpenAI's wherever ftfy.fix_text leaves the ids alone, and = OpenAI's-without-ftfy always."""
+    """Live: our ids = OpenAI's (ftfy on) on every prompt, none excluded, and the golden file is up to date."""
     with_ftfy, without_ftfy = reference
     assert with_ftfy.encoder == tok.encoder and with_ftfy.bpe_ranks == tok.ranks
-    texts = [e["text"] for e in PROMPTS]
-    assert [tok.encode(t) for t in texts] == [without_ftfy.encode(t) for t in texts]
     changed_by_ftfy = 0
     for entry in PROMPTS:
         ref_ids = with_ftfy.encode(entry["text"])
-        if ref_ids == without_ftfy.encode(entry["text"]):
-            assert tok.encode(entry["text"]) == ref_ids, entry["text"]
-        else:
-            changed_by_ftfy += 1
-        if not entry["ftfy"]:
-            assert ref_ids == entry["ids"], f"the golden file is stale for {entry['text']!r}"
-    assert changed_by_ftfy <= len(PROMPTS) - 500                      # ≥ 500 prompts compared exactly
+        assert ref_ids == entry["ids"], f"the golden file is stale for {entry['text']!r}"
+        assert tok.encode(entry["text"]) == ref_ids, entry["text"]
+        changed_by_ftfy += ref_ids != without_ftfy.encode(entry["text"])
+    assert changed_by_ftfy == sum(e["ftfy"] for e in PROMPTS) == 67  # these would differ without ftfy
     for entry in PROMPTS[:50]:
         ids = tok.encode(entry["text"])
         assert tok.decode(ids) == with_ftfy.decode(ids).strip()       # decode: the reference's, minus the end space

@@ -6,29 +6,36 @@ from pathlib import Path
 from typing import Iterable
 
 from ..configs import METADATA_KEY
+from .controlnet_file import describe_controlnet, is_controlnet_path
 from .keymap import EMA_PREFIX, IGNORED_KEYS, SINGLE_FILE_PREFIXES, map_component, map_single_file
-from .loading import (DIFFUSERS_FOLDERS, PARTS, UNSUPPORTED, config_from_metadata, diffusers_rules,
-                      diffusers_weights_file, identify)
-from .tensor_file import CheckpointError, TensorFile, key_list
+from .loading import (DIFFUSERS_FOLDERS, PARTS, SUPPORTED, UNSUPPORTED, config_from_metadata, diffusers_rules,
+                      diffusers_weights_file, identify, UNET_INPUT_CONV)
+from .openclip_keys import OPENCLIP_PREFIX, map_openclip, source_keys, unused_openclip_keys
+from .prediction import choose_prediction_type
+from .tensor_file import CheckpointError, TensorFile, key_list, read_json
 
 
 def describe(path: str | os.PathLike) -> str:
     """A human-readable report: kind, dtypes, parameters per network, and every tensor no rule accounts for."""
     path = Path(path)
+    if is_controlnet_path(path):                 # a ControlNet file or folder: its own report (controlnet_file.py)
+        return describe_controlnet(path)
     if path.is_dir():
         return _describe_folder(path)
     file = TensorFile(path)
     kind = identify(file.shapes)
     total = sum(_numel(s) for s in file.shapes.values())
-    note = "" if kind.startswith("sd-v1") else f"  ({UNSUPPORTED[kind]}" + (
+    note = "" if kind in SUPPORTED else f"  ({UNSUPPORTED[kind]}" + (
         "; not a whole model)" if kind in PARTS else "; not supported yet)")
+    if kind == "sd-v1" and tuple(file.shapes.get(UNET_INPUT_CONV, ()))[1:2] == (8,):   # latents + image latents
+        note = "  (InstructPix2Pix: 8-channel UNet input, noisy latents + image latents; use pipe.instruct)"
     lines = [f"{path}", f"  kind:       {kind}{note}",
              f"  tensors:    {len(file.shapes):,} ({total:,} numbers, dtypes {_dtypes(file, file.keys())})"]
-    if kind not in ("sd-v1", "sd-v1-inpainting"):
+    if kind not in SUPPORTED:
         prefixes = sorted({k.split(".")[0] for k in file.keys()})
         lines.append(f"  top-level prefixes: {', '.join(prefixes)}")
         return "\n".join(lines)
-    return "\n".join(lines + _describe_sd_v1(file))
+    return "\n".join(lines + _describe_sd_v1(file, kind))
 
 
 def _describe_folder(path: Path) -> str:
@@ -58,23 +65,36 @@ def _describe_folder(path: Path) -> str:
     if problems:
         raise CheckpointError("\n".join(lines) + f"\nnot a loadable diffusers model: {', '.join(problems)} "
                               "missing or unreadable (a diffusers folder needs unet/, vae/ and text_encoder/).")
+    text_config = path / "text_encoder" / "config.json"
+    v2 = text_config.is_file() and read_json(text_config).get("hidden_act") == "gelu"   # OpenCLIP: SD 2
+    prediction, reason = choose_prediction_type(path, "sd-v2" if v2 else "sd-v1")
+    lines.append(f"  prediction: {prediction} ({reason})")
     return "\n".join(lines)
 
 
-def _describe_sd_v1(file: TensorFile) -> list[str]:
-    """The lines for an SD v1 single file: parameters per network, EMA, allowed extras, config, unmapped."""
+def _describe_sd_v1(file: TensorFile, kind: str = "sd-v1") -> list[str]:
+    """The lines for an SD v1 / v2 single file: parameters per network, EMA, allowed extras, config, prediction
+    type and why, unmapped."""
     lines = []
     mappings = map_single_file(file.keys())
-    for network, prefix in SINGLE_FILE_PREFIXES.items():
-        keys = mappings[network].values()
+    prefixes = dict(SINGLE_FILE_PREFIXES)
+    if kind.startswith("sd-v2"):   # OpenCLIP ViT-H text tower (openclip_keys.py)
+        mappings["text_encoder"], prefixes["text_encoder"] = map_openclip(file.keys()), OPENCLIP_PREFIX
+    for network, prefix in prefixes.items():
+        keys = source_keys(mappings[network])
         lines.append(f"  {network:13s} {_count(file, keys):>13,} parameters  {_dtypes(file, keys)}  ({prefix}*)")
-    used = {k for m in mappings.values() for k in m.values()}
+    used = {k for m in mappings.values() for k in source_keys(m)}
     ema = [k for k in file.keys() if k.startswith(EMA_PREFIX)]
-    ignored = [k for k in file.keys() if k in IGNORED_KEYS and not k.startswith(EMA_PREFIX)]
-    unmapped = [k for k in file.keys() if k not in used and k not in IGNORED_KEYS and not k.startswith(EMA_PREFIX)]
+    unused_text = unused_openclip_keys(file.keys())
+    ignored = [k for k in file.keys() if (k in IGNORED_KEYS or k in unused_text) and not k.startswith(EMA_PREFIX)]
+    unmapped = [k for k in file.keys() if k not in used and k not in IGNORED_KEYS and k not in unused_text
+                and not k.startswith(EMA_PREFIX)]
     ema_line = f"yes, {len(ema):,} tensors (load with use_ema=True)" if ema else "no"
     lines.append(f"  EMA copy:   {ema_line}")
     lines.append(f"  allowed, not loaded: {len(ignored)} ({key_list(ignored, 4) or 'none'})")
+    if METADATA_KEY not in file.metadata:
+        prediction, reason = choose_prediction_type(file.path, kind)
+        lines.append(f"  prediction: {prediction} ({reason})")
     if METADATA_KEY in file.metadata:
         try:
             config_from_metadata(file.metadata, file.path)

@@ -273,6 +273,7 @@ def diffusers_unet_rules(n_levels: int = 4) -> list[Rule]:
     return [
         (r"^conv_in\.", "input_conv."),
         (r"^time_embedding\.linear_([12])\.", r"time_embedding.linear\1."),
+        (r"^time_embedding\.cond_proj\.", "time_embedding.guidance_proj."),   # full LCM UNet: w's Linear [320, 256]
         (r"^down_blocks\.(\d+)\.resnets\.", r"down.\1.res."),
         (r"^down_blocks\.(\d+)\.attentions\.", r"down.\1.attn."),
         (r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"down.\1.downsample."),
@@ -333,10 +334,11 @@ DIFFUSERS_VAE_RULES = diffusers_vae_rules()
 # visible in the tensor shapes. Shapes are keyed by OUR names (after the tables above).
 # ---------------------------------------------------------------------------------------------------------------
 
-def clip_config_from_shapes(shapes: dict[str, tuple], head_dim: int = 64) -> CLIPTextConfig:
+def clip_config_from_shapes(shapes: dict[str, tuple], head_dim: int = 64,
+                            activation: str = "quick_gelu") -> CLIPTextConfig:
     """The text encoder's config. The number of heads leaves no trace in the weight shapes (q/k/v are [C, C]
     whatever the split), so it is taken as width / head_dim: every CLIP text tower (OpenAI and OpenCLIP) uses
-    64-channel heads. The activation cannot be seen either; quick-GELU (SD v1) is assumed."""
+    64-channel heads. The activation cannot be seen either: quick-GELU (SD v1) unless told (OpenCLIP: "gelu")."""
     fc1 = sorted(name for name in shapes if name.startswith("blocks.") and name.endswith(".mlp.fc1.weight"))
     missing = [name for name in ("token_embedding.weight", "position_embedding.weight") if name not in shapes]
     if missing or not fc1:
@@ -348,12 +350,15 @@ def clip_config_from_shapes(shapes: dict[str, tuple], head_dim: int = 64) -> CLI
     if width % head_dim:
         raise CheckpointError(f"text encoder width {width} is not a multiple of the {head_dim}-channel CLIP head")
     return CLIPTextConfig(vocab_size=vocab_size, width=width, n_layers=n_layers, n_heads=width // head_dim,
-                          mlp_width=shapes[fc1[0]][0], max_positions=shapes["position_embedding.weight"][0])
+                          mlp_width=shapes[fc1[0]][0], max_positions=shapes["position_embedding.weight"][0],
+                          activation=activation)
 
 
-def unet_config_from_shapes(shapes: dict[str, tuple], n_heads: int = 8, norm_groups: int = 32) -> UNetConfig:
-    """The UNet's config. SD v1 uses 8 heads and 32 groups (SD 2.x fixes d_head = 64 instead, which is a different
-    model). 9 input channels ⇒ inpainting."""
+def unet_config_from_shapes(shapes: dict[str, tuple], n_heads: int = 8, norm_groups: int = 32,
+                            head_dim: int | None = None, upcast_attention: bool = False) -> UNetConfig:
+    """The UNet's config. SD v1 uses 8 heads and 32 groups; SD 2.x fixes d_head = 64 instead (head_dim=64: the
+    loader passes it for a 1024-wide context). Linear proj_in/proj_out ([C, C], SD 2) vs 1×1 convs ([C, C, 1, 1],
+    SD v1) is read off the shape. 9 input channels ⇒ inpainting."""
     def indices(pattern: str) -> set[int]:
         return {int(m[1]) for key in shapes if (m := re.fullmatch(pattern, key))}
 
@@ -371,7 +376,9 @@ def unet_config_from_shapes(shapes: dict[str, tuple], n_heads: int = 8, norm_gro
         n_heads=n_heads,
         transformer_depth=len(indices(re.escape(first_attn) + r"\.blocks\.(\d+)\.norm1\.weight")),
         context_dim=shapes[f"{first_attn}.blocks.0.cross_attn.to_k.weight"][1],
-        norm_groups=norm_groups)
+        norm_groups=norm_groups, head_dim=head_dim, upcast_attention=upcast_attention,
+        linear_projection=len(shapes[f"{first_attn}.proj_in.weight"]) == 2,      # SD 2: Linear [C, C]
+        guidance_embed_dim=shapes.get("time_embedding.guidance_proj.weight", (None, None))[1])   # full LCM UNet
 
 
 def vae_config_from_shapes(shapes: dict[str, tuple], norm_groups: int = 32) -> VAEConfig:

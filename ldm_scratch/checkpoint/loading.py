@@ -11,7 +11,7 @@ Memory: modules are built on the `meta` device (no storage) and the file's tenso
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,8 @@ from ..configs import METADATA_KEY, ModelConfig
 from .keymap import (DIFFUSERS_CLIP_RULES, EMA_PREFIX, IGNORED_KEYS, SINGLE_FILE_PREFIXES, clip_config_from_shapes,
                      diffusers_levels, diffusers_unet_rules, diffusers_vae_rules, ema_key, map_component,
                      map_single_file, unet_config_from_shapes, vae_config_from_shapes)
+from .openclip_keys import OPENCLIP_PREFIX, FusedView, map_openclip, source_keys, unused_openclip_keys
+from .prediction import choose_prediction_type
 from .tensor_file import CheckpointError, TensorFile, key_list, read_json
 
 
@@ -33,6 +35,7 @@ class LoadedModel:
     config: ModelConfig
     source: Path
     tokenizer_path: Path | None = None  # a diffusers folder's tokenizer/, when it has one
+    prediction_reason: str = ""         # why config.prediction_type is what it is (checkpoint/prediction.py)
 
 
 def _network_classes():
@@ -45,20 +48,36 @@ def _network_classes():
             "vae": (VAE, vae_config_from_shapes, "VAE")}
 
 
-def load_models(path: str | os.PathLike, *, use_ema: bool = False, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_models(path: str | os.PathLike, *, use_ema: bool = False, dtype: torch.dtype | None = None,
+                prediction_type: str | None = None) -> LoadedModel:
     """Load the three networks from an official single file (.safetensors / .ckpt) or a diffusers folder.
 
     use_ema: take the UNet weights from the file's `model_ema.*` copy (non-pruned training checkpoints).
     dtype: convert floating-point weights to this dtype while loading, one tensor at a time (None: keep the
-    file's dtype). Nothing is returned unless all three networks loaded completely.
+    file's dtype). prediction_type: "epsilon" or "v_prediction" to override the detection (prediction.py).
+    Nothing is returned unless all three networks loaded completely.
     """
     path = Path(path)
+    own_config = False
     if path.is_dir():
-        return _load_diffusers_folder(path, dtype)
-    file = TensorFile(path)
-    mappings, config = plan_single_file(file.shapes, file.metadata, path, use_ema=use_ema)
-    networks = _build_networks(config, mappings, {name: file for name in mappings}, dtype)
-    return LoadedModel(**networks, config=config, source=path)
+        loaded = _load_diffusers_folder(path, dtype)
+    else:
+        file = TensorFile(path)
+        own_config = METADATA_KEY in file.metadata
+        mappings, config = plan_single_file(file.shapes, file.metadata, path, use_ema=use_ema)
+        files = {name: file for name in mappings}
+        if config.kind.startswith("sd-v2"):
+            files["text_encoder"] = FusedView(file)   # OpenCLIP's fused q/k/v, read as three tensors
+        networks = _build_networks(config, mappings, files, dtype)
+        loaded = LoadedModel(**networks, config=config, source=path)
+    if own_config and prediction_type is None:
+        loaded.prediction_reason = "the file's own config (ldm_scratch metadata) says so"
+        return loaded
+    chosen, loaded.prediction_reason = choose_prediction_type(path, loaded.config.kind, prediction_type)
+    loaded.config.prediction_type = chosen
+    if loaded.config.kind == "sd-v2" and chosen == "v_prediction":
+        loaded.config.image_size = 768                # 2.x v-models are the 768² ones (512-base: 512²)
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,17 +130,22 @@ def plan_single_file(shapes: dict[str, tuple], metadata: dict[str, str], path: P
         raise CheckpointError(f"{path} is not a whole Stable Diffusion checkpoint: it holds {UNSUPPORTED[kind]}. "
                               "Loading needs the UNet, the VAE and the text encoder together: an SD v1 single file "
                               "(e.g. v1-5-pruned-emaonly.safetensors) or a diffusers folder.")
-    if kind not in ("sd-v1", "sd-v1-inpainting"):
-        raise CheckpointError(f"{path} is {UNSUPPORTED[kind]}; ldm_scratch supports SD v1.x only for now "
-                              "(v1-4, v1-5, v1-5-inpainting and their fine-tunes). Run `ldm-scratch inspect` on it "
-                              "for details.")
-    absent = [f"{network} ({prefix}*)" for network, prefix in SINGLE_FILE_PREFIXES.items()
+    if kind not in SUPPORTED:
+        raise CheckpointError(f"{path} is {UNSUPPORTED[kind]}; ldm_scratch supports SD v1.x and 2.x (v1-4, v1-5, "
+                              "v2-1 768-v / 512-base, the inpainting models and their fine-tunes). Run "
+                              "`ldm-scratch inspect` on it for details.")
+    v2 = kind.startswith("sd-v2")
+    prefixes = {**SINGLE_FILE_PREFIXES, **({"text_encoder": OPENCLIP_PREFIX} if v2 else {})}
+    absent = [f"{network} ({prefix}*)" for network, prefix in prefixes.items()
               if not any(k.startswith(prefix) for k in shapes)]
     if absent:
-        raise CheckpointError(f"{path} is an incomplete SD v1 checkpoint: it has no {' and no '.join(absent)}. "
-                              "Loading needs the UNet, the VAE and the text encoder together in one file.")
+        raise CheckpointError(f"{path} is an incomplete {'Stable Diffusion 2.x' if v2 else 'SD v1'} checkpoint: it "
+                              f"has no {' and no '.join(absent)}. Loading needs the UNet, the VAE and the text "
+                              "encoder together in one file.")
     config = config_from_metadata(metadata, path)   # our own files: checked before any weight is read
     mappings = map_single_file(shapes)
+    if v2:
+        mappings["text_encoder"] = map_openclip(shapes)   # OpenCLIP ViT-H: its own table (openclip_keys.py)
     _check_nothing_left_over(shapes, mappings, path)
     if use_ema:
         if not any(k.startswith(EMA_PREFIX) for k in shapes):
@@ -133,9 +157,17 @@ def plan_single_file(shapes: dict[str, tuple], metadata: dict[str, str], path: P
         mappings["unet"] = {ours: ema_key(key) for ours, key in mappings["unet"].items()}
     if config is not None:
         return mappings, config
-    parts = {network: from_shapes({ours: shapes[key] for ours, key in mappings[network].items()})
+    shapes_of = FusedView.split_shapes(shapes) if v2 else shapes
+    parts = {network: from_shapes({ours: shapes_of[key] for ours, key in mappings[network].items()},
+                                  **(V2_HINTS[network] if v2 else {}))
              for network, (_, from_shapes, _) in _network_classes().items()}
     return mappings, ModelConfig(**parts, kind=kind, name=path.stem)
+
+
+SUPPORTED = ("sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting")
+# What SD 2's shapes do not show (v2-inference-v.yaml): OpenCLIP's exact GELU; 64-channel UNet heads
+# (num_head_channels: 64); upcast attention, a no-op in float32 and what 2.1 needs in float16 (spatial_transformer.py).
+V2_HINTS = {"text_encoder": {"activation": "gelu"}, "unet": {"head_dim": 64, "upcast_attention": True}, "vae": {}}
 
 
 def config_from_metadata(metadata: dict[str, str], path: Path) -> ModelConfig | None:
@@ -152,7 +184,8 @@ def config_from_metadata(metadata: dict[str, str], path: Path) -> ModelConfig | 
 
 
 def _check_nothing_left_over(shapes: dict[str, tuple], mappings: dict[str, dict[str, str]], path: Path) -> None:
-    used = {key for mapping in mappings.values() for key in mapping.values()}
+    used = {key for mapping in mappings.values() for key in source_keys(mapping)}
+    used |= set(unused_openclip_keys(shapes))       # SD 2: the last block, text_projection, logit_scale, by name
     left = [k for k in shapes if k not in used and k not in IGNORED_KEYS and not k.startswith(EMA_PREFIX)]
     if left:
         raise CheckpointError(f"{path}: {len(left)} tensor(s) belong to no network we know: {key_list(left)}. The "
@@ -195,7 +228,8 @@ def _load_diffusers_folder(root: Path, dtype) -> LoadedModel:
         json_path = root / sub / "config.json"
         hints = _config_hints(name, read_json(json_path)) if json_path.is_file() else {}
         parts[name] = _network_classes()[name][1](shapes, **hints)
-    kind = "sd-v1-inpainting" if parts["unet"].in_channels == 9 else "sd-v1"
+    kind = ("sd-v2" if parts["text_encoder"].activation == "gelu" else "sd-v1") + (   # OpenCLIP's GELU: SD 2
+        "-inpainting" if parts["unet"].in_channels == 9 else "")
     config = ModelConfig(**parts, kind=kind, name=root.name)
     networks = _build_networks(config, mappings, files, dtype)
     tokenizer = root / "tokenizer"
@@ -207,13 +241,17 @@ def _config_hints(network: str, diffusers_config: dict) -> dict:
     """What leaves no trace in weight shapes, read from a diffusers folder's config.json: head counts, and the
     GroupNorm group counts (32 in SD v1; a small model may use fewer)."""
     if network == "text_encoder":
+        hints = {"activation": "gelu"} if diffusers_config.get("hidden_act") == "gelu" else {}   # OpenCLIP (SD 2)
         if "num_attention_heads" not in diffusers_config:
-            return {}
-        return {"head_dim": diffusers_config["hidden_size"] // diffusers_config["num_attention_heads"]}
+            return hints
+        return {**hints, "head_dim": diffusers_config["hidden_size"] // diffusers_config["num_attention_heads"]}
     hints = {"norm_groups": diffusers_config["norm_num_groups"]} if "norm_num_groups" in diffusers_config else {}
     heads = diffusers_config.get("attention_head_dim")  # UNet: misnamed in diffusers, it holds SD v1's head COUNT
     if network == "unet" and heads is not None:
         hints["n_heads"] = heads[0] if isinstance(heads, list) else heads
+        if isinstance(heads, list) and len(set(heads)) > 1:   # SD 2: [5, 10, 20, 20] heads = widths / 64
+            hints["head_dim"] = diffusers_config["block_out_channels"][0] // heads[0]
+        hints["upcast_attention"] = bool(diffusers_config.get("upcast_attention", False))
     return hints
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .shapes import PALETTE
+from .shapes import BACKGROUNDS, PALETTE
 
 WORK_SIZE = 64            # everything is measured at 64×64: thresholds in pixels mean one thing
 BORDER = 2                # border width (pixels) sampled for the background
@@ -50,6 +50,8 @@ MAX_PALETTE_DISTANCE = 90.0  # a measured colour further than this from its near
 
 _PALETTE_NAMES = list(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[name] for name in _PALETTE_NAMES], dtype=np.float64)  # [6, 3]
+_BACKGROUND_NAMES = list(BACKGROUNDS)  # the palette plus pure black / pure white (shapes.EXTREME_BACKGROUNDS)
+_BACKGROUND_RGB = np.array([BACKGROUNDS[name] for name in _BACKGROUND_NAMES], dtype=np.float64)  # [8, 3]
 
 
 @dataclass
@@ -69,10 +71,12 @@ class Reading:
         return self.as_tuple() == (shape, colour, background)
 
 
-def check(image) -> Reading:
+def check(image, extreme_backgrounds: bool = False) -> Reading:
     """Read (shape, colour, background) from an RGB image: PIL image or uint8/float array [H, W, 3] (H, W ≥ 32).
 
     A float array is taken as [0, 1] (the pipeline's "np" output); uint8 as [0, 255].
+    extreme_backgrounds: the background may also be "pure black" or "pure white" (data made with
+    `ShapesDataset(..., extreme_backgrounds=True)`); off, the names and verdicts are the palette's only, as before.
     """
     pixels = _to_work_pixels(image)  # [64, 64, 3] float64 in [0, 255]
     features: dict = {}
@@ -81,7 +85,7 @@ def check(image) -> Reading:
     border = np.concatenate([pixels[:BORDER].reshape(-1, 3), pixels[-BORDER:].reshape(-1, 3),
                              pixels[:, :BORDER].reshape(-1, 3), pixels[:, -BORDER:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
-    background, bg_error = _nearest_colour(bg_rgb)
+    background, bg_error = _nearest_colour(bg_rgb, extreme_backgrounds)
     features["background_error"] = bg_error
 
     # 2. foreground colour from the core: pixels far from the background, away from the soft edges
@@ -155,10 +159,11 @@ def _to_work_pixels(image) -> np.ndarray:
     return np.asarray(pil, dtype=np.float64)
 
 
-def _nearest_colour(rgb: np.ndarray) -> tuple[str, float]:
-    distances = np.linalg.norm(_PALETTE_RGB - rgb, axis=-1)
+def _nearest_colour(rgb: np.ndarray, extreme_backgrounds: bool = False) -> tuple[str, float]:
+    names, table = (_BACKGROUND_NAMES, _BACKGROUND_RGB) if extreme_backgrounds else (_PALETTE_NAMES, _PALETTE_RGB)
+    distances = np.linalg.norm(table - rgb, axis=-1)
     i = int(np.argmin(distances))
-    return _PALETTE_NAMES[i], float(distances[i])
+    return names[i], float(distances[i])
 
 
 def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:

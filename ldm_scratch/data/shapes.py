@@ -26,6 +26,18 @@ over each 4×4 block), which anti-aliases the edges without the overshoot of a L
 size and rotation comes from a numpy Generator seeded by (seed, split, index), so an item never depends on which
 items were drawn before it (DataLoader workers and shuffling give the same pixels).
 
+Extreme backgrounds (only when asked: `ShapesDataset(..., extreme_backgrounds=True)`). The zero-terminal-SNR
+experiment (issue 19, scripts/zero_snr_experiment.py) needs the ends of the pixel range, which SD's noise schedule
+cannot reach (Lin et al. 2023): "pure black" (0, 0, 0) and "pure white" (255, 255, 255), as backgrounds only —
+"a red circle on a pure black background". They add 5·6 + 5·5 = 55 training combinations (a white shape on pure
+white, 10 apart, would be invisible) and no held-out ones. Off by default, so the default data and everything
+trained on it stay bit-identical.
+
+New shapes for fine-tuning (issue 16's demo, scripts/finetune_demo.py): "cross" (a plus sign) is a shape the
+bundled model has never seen. It is in `NEW_SHAPES`, not in SHAPES: no split, no data set and no default draws it;
+only `render`, `caption` and `new_shape_combinations()` accept it (and the checker reads it only when asked,
+`check(..., new_shapes=True)`), so the default data stays bit-identical.
+
 Tensors: `ShapesDataset[i]` → (image [3, H, W] float32 in [-1, 1], caption str), the range the VAE expects.
 """
 from __future__ import annotations
@@ -39,6 +51,7 @@ import torch
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "ring")
+NEW_SHAPES = ("cross",)  # for fine-tuning only: never in a split (see the module docstring)
 
 # Saturated colours at least ~150 apart in RGB (0–255), so the nearest palette colour of a blurred, noisy or
 # slightly shifted pixel is still the right one. Orange (between red and yellow) and black (close to a dark
@@ -52,6 +65,12 @@ PALETTE = {
     "white": (245, 245, 245),
 }
 COLOURS = tuple(PALETTE)
+# background-only colours at the ends of the pixel range, for the zero-terminal-SNR experiment (see the docstring)
+EXTREME_BACKGROUNDS = {
+    "pure black": (0, 0, 0),
+    "pure white": (255, 255, 255),
+}
+BACKGROUNDS = {**PALETTE, **EXTREME_BACKGROUNDS}  # every background a caption may name
 
 # (shape, colour, background) triples kept out of the "train" split. Each shape appears twice, every colour is a
 # foreground at least once and a background at least once, and no two triples share both shape and colour.
@@ -75,7 +94,8 @@ SUPERSAMPLE = 4  # draw at 4× and average 4×4 blocks: anti-aliased edges
 # centre is `EXTENT[shape] · r`; the centre is jittered only as far as keeps that extent plus a margin inside.
 RADIUS_RANGE = (0.22, 0.30)
 MAX_ROTATION = 20.0  # degrees either way: a triangle still points up, a star still stands on two legs
-EXTENT = {"circle": 1.0, "square": 0.9 * math.sqrt(2), "triangle": 1.2, "star": 1.2, "ring": 1.0}
+EXTENT = {"circle": 1.0, "square": 0.9 * math.sqrt(2), "triangle": 1.2, "star": 1.2, "ring": 1.0, "cross": 1.15}
+CROSS_HALF_WIDTH = 0.38  # · r: half the width of a cross's arms (its arms reach EXTENT["cross"] · r)
 SQUARE_HALF_SIDE = 0.9   # · r: a square of about the same area as the circle of radius r
 STAR_INNER = 0.45        # inner / outer radius of the 5-pointed star
 RING_INNER = 0.55        # inner / outer radius of the ring: the hole is 0.55² ≈ 30 % of the disc
@@ -87,7 +107,7 @@ def caption(shape: str, colour: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
-_CAPTION_RE = re.compile(r"^\s*an? (\w+) (\w+) on an? (\w+) background\s*$")
+_CAPTION_RE = re.compile(r"^\s*an? (\w+) (\w+) on an? ((?:pure )?\w+) background\s*$")
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:
@@ -117,15 +137,29 @@ def train_combinations() -> list[tuple[str, str, str]]:
     return [combo for combo in all_combinations() if combo not in heldout]
 
 
-def combinations(split: str) -> list[tuple[str, str, str]]:
-    """The triples a split draws from: "train" (140), "heldout" (10) or "all" (150)."""
+def extreme_background_combinations() -> list[tuple[str, str, str]]:
+    """The 55 triples on "pure black" or "pure white" (every shape and colour, but no white on pure white)."""
+    return [(s, c, b) for b, s, c in itertools.product(EXTREME_BACKGROUNDS, SHAPES, COLOURS)
+            if (c, b) != ("white", "pure white")]
+
+
+def new_shape_combinations() -> list[tuple[str, str, str]]:
+    """The 30 (shape, colour, background) triples of NEW_SHAPES (fine-tuning only, never in a split)."""
+    return [(s, c, b) for s, c, b in itertools.product(NEW_SHAPES, COLOURS, COLOURS) if c != b]
+
+
+def combinations(split: str, extreme_backgrounds: bool = False) -> list[tuple[str, str, str]]:
+    """The triples a split draws from: "train" (140), "heldout" (10) or "all" (150); with extreme_backgrounds,
+    "train" and "all" also draw the 55 on pure black / pure white (after the others, which keep their order)."""
     if split == "train":
-        return train_combinations()
-    if split == "heldout":
+        combos = train_combinations()
+    elif split == "heldout":
         return heldout_combinations()
-    if split == "all":
-        return all_combinations()
-    raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    elif split == "all":
+        combos = all_combinations()
+    else:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    return combos + extreme_background_combinations() if extreme_backgrounds else combos
 
 
 def render(shape: str, colour: str, background: str, size: int = 64,
@@ -148,7 +182,7 @@ def render(shape: str, colour: str, background: str, size: int = 64,
         cx, cy = rng.uniform(reach, size - reach, size=2)
 
     big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), PALETTE[background])
+    image = Image.new("RGB", (big, big), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     fill = PALETTE[colour]
     s = SUPERSAMPLE
@@ -157,7 +191,7 @@ def render(shape: str, colour: str, background: str, size: int = 64,
         draw.ellipse(_box(cx, cy, radius), fill=fill)
     elif shape == "ring":
         draw.ellipse(_box(cx, cy, radius), fill=fill)
-        draw.ellipse(_box(cx, cy, RING_INNER * radius), fill=PALETTE[background])
+        draw.ellipse(_box(cx, cy, RING_INNER * radius), fill=BACKGROUNDS[background])
     elif shape == "square":
         corner = SQUARE_HALF_SIDE * math.sqrt(2) * radius  # centre-to-corner distance
         draw.polygon(_polygon(cx, cy, [corner] * 4, rotation + 45.0), fill=fill)
@@ -168,6 +202,8 @@ def render(shape: str, colour: str, background: str, size: int = 64,
         outer = EXTENT["star"] * radius
         radii = [outer, STAR_INNER * outer] * 5  # alternate tips and notches
         draw.polygon(_polygon(cx, cy, radii, rotation + 90.0), fill=fill)
+    elif shape == "cross":
+        draw.polygon(_cross(cx, cy, EXTENT["cross"] * radius, CROSS_HALF_WIDTH * radius, rotation), fill=fill)
     return image.resize((size, size), Image.BOX)
 
 
@@ -182,15 +218,26 @@ def _polygon(cx: float, cy: float, radii: list[float], start_degrees: float) -> 
     return [(cx + r * math.cos(start + i * step), cy - r * math.sin(start + i * step)) for i, r in enumerate(radii)]
 
 
+def _cross(cx: float, cy: float, arm: float, half: float, degrees: float) -> list[tuple[float, float]]:
+    """The 12 corners of a plus sign: arms reaching `arm` from the centre, `2·half` wide, turned by `degrees`."""
+    outline = [(arm, half), (half, half), (half, arm), (-half, arm), (-half, half), (-arm, half),
+               (-arm, -half), (-half, -half), (-half, -arm), (half, -arm), (half, -half), (arm, -half)]
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    return [(cx + x * c - y * s, cy - (x * s + y * c)) for x, y in outline]
+
+
 def _check_combination(shape: str, colour: str, background: str) -> None:
-    if shape not in SHAPES:
+    if shape not in SHAPES + NEW_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; use one of {SHAPES}")
-    for role, name in (("colour", colour), ("background", background)):
-        if name not in PALETTE:
-            raise ValueError(f"unknown {role} {name!r}; use one of {COLOURS}")
+    if colour not in PALETTE:
+        raise ValueError(f"unknown colour {colour!r}; use one of {COLOURS}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; use one of {tuple(BACKGROUNDS)}")
     if colour == background:
         raise ValueError(f"colour and background are both {colour!r}; the shape would be invisible — "
                          f"pick two different colours")
+    if (colour, background) == ("white", "pure white"):  # (245, 245, 245) on (255, 255, 255): 17 apart
+        raise ValueError("a white shape on a pure white background would be invisible — pick another colour")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -204,11 +251,13 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Item i picks its combination uniformly from the split and its jitter from a Generator seeded by
     (seed, split, i), so it is the same on every run, in every worker, in any order. Different `seed`s give
-    different data sets; the train and held-out splits never share a combination.
+    different data sets; the train and held-out splits never share a combination. extreme_backgrounds adds the
+    pure black / pure white backgrounds (a different data set: items are drawn from 195 combinations, not 140).
     """
 
-    def __init__(self, split: str = "train", size: int = 64, length: int = 10_000, seed: int = 0):
-        self.combos = combinations(split)  # validates split
+    def __init__(self, split: str = "train", size: int = 64, length: int = 10_000, seed: int = 0,
+                 extreme_backgrounds: bool = False):
+        self.combos = combinations(split, extreme_backgrounds)  # validates split
         if length < 1:
             raise ValueError(f"length={length}: a data set needs at least one item")
         self.split, self.size, self.length, self.seed = split, size, length, seed

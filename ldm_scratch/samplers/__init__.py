@@ -13,6 +13,7 @@ Names and the diffusers scheduler each one reproduces (defaults = that scheduler
     euler_a   EulerAncestralDiscreteScheduler                 linspace, karras False
     heun      HeunDiscreteScheduler                           linspace, karras False
     dpmpp_2m  DPMSolverMultistepScheduler(dpmsolver++, order 2)  linspace, karras False
+    lcm       LCMScheduler (latent consistency models)        its own grid of original_steps = 50: steps 1 … 50
 
 Step counts: 1 … T = 1000, less where a spacing's grid would leave the trained timesteps or repeat one (e.g. 999 for
 "leading" with steps_offset 1); anything else is refused with a ValueError before the first model call, which names
@@ -27,6 +28,7 @@ from .ddpm import DDPM
 from .dpmpp import DPMSolverPP2M
 from .euler import Euler, EulerAncestral
 from .heun import Heun
+from .lcm import LCM
 from .lms import LMS
 from .plms import PLMS, PNDM
 
@@ -40,6 +42,7 @@ SAMPLERS = {
     "euler_a": EulerAncestral,
     "heun": Heun,
     "dpmpp_2m": DPMSolverPP2M,
+    "lcm": LCM,
 }
 
 
@@ -56,4 +59,4 @@ def get_sampler(name: str, **options) -> Sampler:
 
 
 __all__ = ["get_sampler", "SAMPLERS", "Sampler", "Denoiser", "spaced_timesteps", "karras_sigmas",
-           "DDPM", "DDIM", "PLMS", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverPP2M"]
+           "DDPM", "DDIM", "PLMS", "PNDM", "LMS", "Euler", "EulerAncestral", "Heun", "DPMSolverPP2M", "LCM"]

@@ -7,6 +7,10 @@ Model function (what the pipeline passes in; the UNet with classifier-free guida
                                   t   a 0-dim float32 tensor on x_t's device (one timestep for the whole batch;
                                       fractional for σ-samplers; broadcast it to `[B]` yourself if you need to)
 
+The model may predict ε̂ or v̂ = √ᾱ_t ε − √(1−ᾱ_t) x_0 (SD 2 768-v): the schedule's `prediction_type` says which,
+and every sampler turns the output into (ε̂, x̂₀) at one point — `Sampler.predicted` (DDPM family) or `Denoiser`
+(σ-samplers), both through diffusion.eps_and_x0 — so the updates below are written once, for ε̂ and x̂₀.
+
 Two families of samplers:
 - DDPM-family (ddpm, ddim, plms, pndm) keep their state x_t in DDPM scaling and call the model at integer t.
 - σ-samplers (euler, euler_a, heun, lms, dpmpp_2m) keep x_σ = x_0 + σ ε (Karras et al. 2022, eq. 1's σ-scaling)
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import Schedule, x0_from_eps_sigma, xt_from_x0_eps
+from ..diffusion import Schedule, alpha_bar_from_sigma, eps_and_x0, x0_from_eps_sigma, xt_from_x0_eps
 
 SPACINGS = ("leading", "linspace", "trailing")
 
@@ -176,8 +180,9 @@ def as_model_t(t: float, x: torch.Tensor) -> torch.Tensor:
 
 
 class Denoiser:
-    """k-diffusion's denoiser (Karras et al. 2022, Table 1, "VP" column): turns the ε-model into
-    D(x_σ, σ) = x̂₀ = x_σ − σ ε̂(x_σ / √(σ²+1), t(σ)).
+    """k-diffusion's denoiser (Karras et al. 2022, Table 1, "VP" column): turns the model into
+    D(x_σ, σ) = x̂₀ = x_σ − σ ε̂(x_σ / √(σ²+1), t(σ)) for an ε-model, and for a v-model (the schedule's
+    prediction_type) x̂₀ = √ᾱ x_t − √(1−ᾱ) v̂ with x_t = x_σ / √(σ²+1), ᾱ = 1 / (1 + σ²) (diffusion.eps_and_x0).
 
     `t` defaults to `schedule.sigma_to_t(σ)`; samplers pass the timestep their schedule pairs with σ, since
     diffusers does not always use t(σ) (on a linspace grid it keeps the grid's t and interpolates σ linearly).
@@ -186,13 +191,18 @@ class Denoiser:
     def __init__(self, eps_model, schedule: Schedule):
         self.eps_model, self.schedule = eps_model, schedule
 
-    def eps(self, x: torch.Tensor, sigma: float, t: float | None = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, sigma: float, t: float | None = None) -> torch.Tensor:
+        """The model's raw output (ε̂ or v̂) at x_σ."""
         if t is None:
             t = float(self.schedule.sigma_to_t(sigma))
         return self.eps_model(x / (sigma**2 + 1) ** 0.5, as_model_t(t, x))  # x_t = x_σ / √(σ²+1) = √ᾱ x_σ
 
     def __call__(self, x: torch.Tensor, sigma: float, t: float | None = None) -> torch.Tensor:
-        return x0_from_eps_sigma(x, self.eps(x, sigma, t), sigma)  # x̂₀ = x_σ − σ ε̂
+        output = self.output(x, sigma, t)
+        if self.schedule.config.prediction_type == "epsilon":
+            return x0_from_eps_sigma(x, output, sigma)  # x̂₀ = x_σ − σ ε̂
+        alpha_bar = alpha_bar_from_sigma(sigma)  # the level x_t = x_σ / √(σ²+1) is at: ᾱ = 1 / (1 + σ²)
+        return eps_and_x0(x / (sigma**2 + 1) ** 0.5, output, alpha_bar, self.schedule.config.prediction_type)[1]
 
 
 class Sampler:
@@ -261,6 +271,11 @@ class Sampler:
 
     def _run(self, eps_model, noise, steps, start, x0, generator, step_done):
         raise NotImplementedError
+
+    def predicted(self, x_t: torch.Tensor, output: torch.Tensor, alpha_bar: float):
+        """(ε̂, x̂₀) from the model's output at level ᾱ in DDPM scaling — the DDPM family's one conversion point for
+        ε- and v-prediction (the schedule's `prediction_type`; diffusion.eps_and_x0 has the equations)."""
+        return eps_and_x0(x_t, output, alpha_bar, self.schedule.config.prediction_type)
 
     def _noised(self, x0: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
         raise NotImplementedError

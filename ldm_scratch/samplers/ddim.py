@@ -19,9 +19,12 @@ from ..diffusion import Schedule, x0_from_eps
 from .base import AlphaBarSampler, as_model_t, draw_noise
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, sigma: float = 0.0):
-    """One DDIM update (eq. 12) without the noise term; returns (x_prev, x0_pred)."""
-    x0_pred = x0_from_eps(x, eps, alpha_bar)  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar: float, alpha_bar_prev: float, sigma: float = 0.0,
+              x0_pred: torch.Tensor | None = None):
+    """One DDIM update (eq. 12) without the noise term; returns (x_prev, x0_pred). x0_pred: the model's x̂₀ when it
+    has one of its own (a v-model's, Sampler.predicted); by default it is read off ε̂."""
+    if x0_pred is None:
+        x0_pred = x0_from_eps(x, eps, alpha_bar)  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
     direction = (1 - alpha_bar_prev - sigma**2) ** 0.5 * eps  # √(1 − ᾱ_{t−1} − σ_t²) ε̂
     return alpha_bar_prev**0.5 * x0_pred + direction, x0_pred  # x_{t−1} = √ᾱ_{t−1} x̂₀ + direction
 
@@ -42,10 +45,10 @@ class DDIM(AlphaBarSampler):
         x = self._begin(noise, x0, ts)
         for i, t in enumerate(ts):
             alpha_bar, alpha_bar_prev = self._alpha_bars(int(t), steps)
-            eps = eps_model(x, as_model_t(t, x))
+            eps, x0_pred = self.predicted(x, eps_model(x, as_model_t(t, x)), alpha_bar)
             # σ_t = η √((1−ᾱ_{t−1})/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1})   (eq. 16)
             sigma = self.eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)) ** 0.5
-            x, x0_pred = ddim_step(x, eps, alpha_bar, alpha_bar_prev, sigma)
+            x, x0_pred = ddim_step(x, eps, alpha_bar, alpha_bar_prev, sigma, x0_pred)
             if self.eta > 0:
                 x = x + sigma * draw_noise(x, generator)  # + σ_t z
             x = step_done(i, t, x0_pred, x)
@@ -59,6 +62,6 @@ class DDIM(AlphaBarSampler):
         for t in ts[::-1]:
             alpha_bar, alpha_bar_prev = self._alpha_bars(int(t), steps)
             t_prev = max(int(t) - self.schedule.n_train_steps // steps, 0)  # the timestep the state is at
-            eps = eps_model(x, as_model_t(t_prev, x))
-            x, _ = ddim_step(x, eps, alpha_bar_prev, alpha_bar)  # the same update with the two levels swapped
+            eps, x0_pred = self.predicted(x, eps_model(x, as_model_t(t_prev, x)), alpha_bar_prev)
+            x, _ = ddim_step(x, eps, alpha_bar_prev, alpha_bar, x0_pred=x0_pred)  # the same update, levels swapped
         return x

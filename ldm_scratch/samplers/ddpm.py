@@ -12,7 +12,7 @@ t > 0, as diffusers does. Defaults = diffusers' DDPMScheduler from the SD v1.5 c
 steps_offset 1, "fixed_small", no clipping of x̂₀.
 """
 
-from ..diffusion import Schedule, posterior_coefficients, x0_from_eps
+from ..diffusion import Schedule, posterior_coefficients
 from .base import AlphaBarSampler, as_model_t, draw_noise
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -33,8 +33,7 @@ class DDPM(AlphaBarSampler):
         for i, t in enumerate(ts):
             t_prev = int(all_ts[start + i + 1]) if start + i + 1 < steps else -1
             alpha_bar, alpha_bar_prev = self._alpha_bar(int(t), 1.0), self._alpha_bar(t_prev, 1.0)
-            eps = eps_model(x, as_model_t(t, x))
-            x0_pred = x0_from_eps(x, eps, alpha_bar)  # x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t
+            _, x0_pred = self.predicted(x, eps_model(x, as_model_t(t, x)), alpha_bar)  # x̂₀ from ε̂ or v̂
             coef_x0, coef_xt, beta_tilde = posterior_coefficients(alpha_bar, alpha_bar_prev)
             mean = coef_x0 * x0_pred + coef_xt * x  # μ_θ  (eq. 7)
             if self.variance_type == "fixed_small":

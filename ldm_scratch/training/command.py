@@ -21,15 +21,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     the checkpoint's value, so resuming needs only --out and a flag given on resume is compared with the run's."""
     import dataclasses
 
-    from .config import STAGE2_FIELDS, TrainConfig
+    from .config import PREDICTIONS, STAGE2_FIELDS, TrainConfig
     defaults = TrainConfig()
     parser.add_argument("--out", dest="out_dir", default=defaults.out_dir, help="run directory (checkpoint, grids)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("out_dir", "model", "progress"):
             continue
-        value = getattr(defaults, f.name)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(value), default=argparse.SUPPRESS,
-                            help=f"default {value} (resuming: the run's)")
+        value, flag = getattr(defaults, f.name), f"--{f.name.replace('_', '-')}"
+        if isinstance(value, bool):  # --zero-snr / --no-zero-snr (bool("False") would be True)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"default {'on' if value else 'off'} (resuming: the run's)")
+            continue
+        parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS,
+                            choices=tuple(PREDICTIONS) if f.name == "prediction" else None,
+                            help=f"default {value or repr(value)} (resuming: the run's)")
     parser.add_argument("--model-config", default=None,
                         help="JSON file with a ModelConfig (ModelConfig.to_json()); default: configs.tiny_config()")
     parser.add_argument("--no-resume", action="store_true",

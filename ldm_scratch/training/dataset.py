@@ -13,9 +13,11 @@ from ..data import ShapesDataset, caption
 from ..vae import VAE
 
 
-def render_training_set(n_images: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """The fixed training set: images uint8 [N, 3, size, size] and their captions (the "train" split)."""
-    dataset = ShapesDataset("train", size=size, length=n_images, seed=seed)
+def render_training_set(n_images: int, size: int, seed: int,
+                        extreme_backgrounds: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """The fixed training set: images uint8 [N, 3, size, size] and their captions (the "train" split, with the pure
+    black / pure white backgrounds when asked)."""
+    dataset = ShapesDataset("train", size=size, length=n_images, seed=seed, extreme_backgrounds=extreme_backgrounds)
     images = torch.empty(n_images, 3, size, size, dtype=torch.uint8)
     captions = []
     for i in range(n_images):

@@ -1,0 +1,333 @@
+"""Fine-tuning a trained model on a few pictures: LoRA, textual inversion, DreamBooth (`ldm-scratch finetune`).
+
+All three minimise the denoising loss of stage 2 of train.py on the new pictures, x → z₀ = scale · E(x):
+
+    L = E_{z₀, c, t, ε} ‖ ε − ε_θ(z_t, t, c) ‖²,      z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε          (DDPM eq 4.3)
+
+and differ only in which numbers θ may move:
+
+    lora               a low-rank update (α/r)·B A beside chosen frozen layers (lora_training.py)   → LoRA file
+    textual-inversion  the new word's rows of the token table, v* (Gal et al. 2022, eq 2); every
+                       other row is frozen by zeroing its gradient                              → embedding file
+    dreambooth         the whole UNet (+ the text encoder with --train-text-encoder) (Ruiz et al.) → full model
+
+DreamBooth's prior preservation keeps the class the new pictures belong to from collapsing onto them: with
+--class-prompt, the model's own pictures of the class (generated before training, finetune_data.class_images)
+are trained on alongside, each batch holding both halves:
+
+    L = ‖ε − ε̂(x_t, c_inst)‖² + λ ‖ε′ − ε̂(x_t^pr, c_class)‖²                     (Ruiz et al. 2023, eq 2; λ = --prior-weight)
+
+The run lives in --out: `ckpt.safetensors` (the trainable tensors, AdamW's state, every rank's generator, the
+losses and this FinetuneConfig — state.py's format, no pickle), the class images, and at the end the output
+file. Resuming continues exactly where the checkpoint stopped; a different recipe is refused with the list.
+Under torchrun each process draws its own batches (seeded seed·1000 + rank) and DDP averages the gradients, as
+in train.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..diffusion import eps_loss
+from ..files import replacing
+from .dataset import to_model_range
+from .finetune_data import class_images, image_files, load_folder, read_captions
+from .lora_training import TARGET_PRESETS, LoraLayers
+from .run import CKPT_NAME, setup_distributed, wrap
+from .state import load_state, save_state
+
+METHODS = ("lora", "textual-inversion", "dreambooth")
+DEFAULT_LR = {"lora": 1e-3, "textual-inversion": 5e-3, "dreambooth": 1e-4}
+LORA_FORMATS = ("kohya", "diffusers")
+UNSAFE_IN_NAMES = '<>:"/\\|?*'      # characters a file name cannot hold on some systems
+SAFE_ON_RESUME = ("out_dir", "progress", "device", "checkpoint_every", "force")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that decides a fine-tune (one flag each, `finetune_command.py`)."""
+    method: str
+    data: str
+    out_dir: str
+    checkpoint: str = ""               # the model to adapt ("": the bundled tiny model)
+    tokenizer: str = ""                # its vocabulary, as load_tokenizer takes it ("": found as usual)
+    instance_prompt: str = ""          # the caption of every image without a .txt
+    steps: int = 200
+    lr: float = 0.0                    # 0: DEFAULT_LR[method]
+    batch: int = 4
+    seed: int = 0
+    # lora
+    lora_rank: int = 4
+    lora_alpha: float = 0.0            # 0: α = r (factor α/r = 1)
+    lora_targets: str = "attention"    # a TARGET_PRESETS name (UNet layers)
+    lora_text_encoder: bool = False    # also the text encoder's attention and MLP
+    lora_format: str = "kohya"
+    # textual inversion
+    token: str = ""
+    init_word: str = ""
+    num_vectors: int = 1
+    # dreambooth
+    train_text_encoder: bool = False
+    class_prompt: str = ""
+    num_class_images: int = 50
+    prior_weight: float = 1.0
+    class_dir: str = ""                # "": OUT/class_images
+    # bookkeeping
+    checkpoint_every: int = 100
+    device: str = "cpu"
+    progress: bool = True
+    force: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.lora_format not in LORA_FORMATS:
+            raise ValueError(f"--lora-format {self.lora_format!r}: choose one of {', '.join(LORA_FORMATS)}")
+        if self.lora_targets not in TARGET_PRESETS:
+            raise ValueError(f"--lora-targets {self.lora_targets!r}: choose one of {', '.join(TARGET_PRESETS)}")
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"--steps {self.steps} and --batch {self.batch} must both be at least 1")
+        if self.method == "textual-inversion" and not (self.token and self.init_word):
+            raise ValueError("textual inversion needs --token (the new word, e.g. '<cross>') and --init-word (a "
+                             "word it starts from, e.g. 'square')")
+        if self.class_prompt and self.method != "dreambooth":
+            raise ValueError("--class-prompt (prior preservation) is for --method dreambooth")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or DEFAULT_LR[self.method]
+
+    @property
+    def output(self) -> Path:
+        """The file the run writes at the end, in --out."""
+        if self.method == "lora":
+            return Path(self.out_dir) / ("lora.safetensors" if self.lora_format == "kohya"
+                                         else "pytorch_lora_weights.safetensors")
+        if self.method == "textual-inversion":  # the web UI names the word after the file: keep them the same
+            return Path(self.out_dir) / f"{''.join(c for c in self.token if c not in UNSAFE_IN_NAMES)}.safetensors"
+        return Path(self.out_dir) / "model.safetensors"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def open_run(cfg: FinetuneConfig, resume: bool) -> dict | None:
+    """The checkpoint to resume from (None: a fresh start), after refusing to replace work without --force and a
+    resumed run whose recipe differs."""
+    out = Path(cfg.out_dir)
+    ckpt = out / CKPT_NAME
+    if cfg.output.exists() and not cfg.force:
+        raise FileExistsError(f"{cfg.output} exists (a finished fine-tune): choose another --out, or pass --force "
+                              f"to train again and replace it")
+    finished = cfg.output.exists()            # with --force: train again from the start
+    if finished or not (resume and ckpt.is_file()):
+        if ckpt.is_file() and not cfg.force and not finished:
+            raise FileExistsError(f"--out {out} holds a fine-tune's checkpoint: resume it (drop --no-resume), "
+                                  f"choose another --out, or pass --force to start afresh over it")
+        return None
+    state = load_state(ckpt)
+    stored = json.loads(state["train_config"])
+    given = json.loads(cfg.to_json())
+    differ = {k: (stored.get(k), v) for k, v in given.items() if stored.get(k) != v and k not in SAFE_ON_RESUME}
+    if differ:
+        listed = "; ".join(f"{k}: {a!r} (checkpoint) vs {b!r} (given)" for k, (a, b) in differ.items())
+        raise ValueError(f"{ckpt} was started with another recipe: {listed}. Pass the same values to resume it, "
+                         f"or choose another --out (or --no-resume --force to start afresh)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(state["generators"]) != world_size:
+        raise ValueError(f"{ckpt} was written by {len(state['generators'])} process(es), this run has "
+                         f"{world_size}: resume with the same torchrun --nproc_per_node")
+    return state
+
+
+class Denoiser(nn.Module):
+    """ε_θ(z_t, t, c(ids)) with the fine-tune's trainable parts as submodules, so that DDP finds them."""
+
+    def __init__(self, text_encoder: nn.Module, unet: nn.Module, extra: nn.Module | None = None):
+        super().__init__()
+        self.text_encoder, self.unet, self.extra = text_encoder, unet, extra
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(z_t, t, self.text_encoder(input_ids))   # [B, 4, h, w]
+
+
+def prepare_method(cfg: FinetuneConfig, pipe) -> tuple[dict[str, nn.Module], list[nn.Parameter], nn.Module | None]:
+    """Freeze the model and make the method's parameters trainable: ({name: module whose state is saved},
+    the parameters to optimise, an extra module for Denoiser)."""
+    pipe.text_encoder.requires_grad_(False), pipe.unet.requires_grad_(False), pipe.vae.requires_grad_(False)
+    torch.manual_seed(cfg.seed)                                  # the LoRA's A: the same on every rank
+    if cfg.method == "lora":
+        layers = LoraLayers({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, cfg.lora_rank,
+                            cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets, cfg.lora_text_encoder)
+        layers.attach()
+        return {"unet": layers}, list(layers.parameters()), layers
+    if cfg.method == "textual-inversion":
+        table = add_word(pipe, cfg.token, cfg.init_word, cfg.num_vectors)
+        return {"text_encoder": pipe.text_encoder.token_embedding}, [table], None
+    pipe.unet.requires_grad_(True)
+    trained = {"unet": pipe.unet}
+    if cfg.train_text_encoder:
+        pipe.text_encoder.requires_grad_(True)
+        trained["text_encoder"] = pipe.text_encoder
+    return trained, [p for m in trained.values() for p in m.parameters()], None
+
+
+def add_word(pipe, token: str, init_word: str, n_vectors: int) -> nn.Parameter:
+    """Add `token` as n new rows of E_tok, each starting at the mean embedding of `init_word`'s tokens; only those
+    rows learn: a gradient hook zeroes ∂L/∂E_tok[:V] (V = the original rows), and AdamW runs without weight decay,
+    so a frozen row's update, lr · m̂/(√v̂ + ε) with m̂ = 0, is exactly 0."""
+    from ..textual_inversion import Embedding, _embeddings, check_word
+    special = (pipe.tokenizer.bos_id, pipe.tokenizer.eos_id, pipe.tokenizer.pad_id)
+    ids = [int(i) for i in pipe.tokenizer([init_word])[0] if int(i) not in special]
+    if not ids:
+        raise ValueError(f"--init-word {init_word!r} has no tokens; give a word such as 'square'")
+    table = pipe.text_encoder.token_embedding.weight
+    start = table.detach()[ids].mean(0, keepdim=True).repeat(n_vectors, 1)      # [n, D]
+    embedding = Embedding(token.lower(), start.clone())
+    check_word(embedding, pipe.tokenizer, pipe.text_encoder.config.width, "--token")
+    embeddings = _embeddings(pipe)
+    embeddings.loaded[embedding.word] = embedding
+    embeddings.install(pipe.tokenizer, pipe.text_encoder)
+    weight = pipe.text_encoder.token_embedding.weight                           # [V + n, D]
+    weight.requires_grad_(True)
+    frozen = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
+    frozen[embeddings.base_rows:] = 1
+    weight.register_hook(lambda grad: grad * frozen)                            # ∂L/∂E_tok[:V] = 0
+    return weight
+
+
+@torch.no_grad()
+def encode(pipe, images: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior q(z|x) = N(μ, σ²) of each image, (μ, σ) [N, 4, h, w], computed once."""
+    moments = [pipe.vae.encode(to_model_range(batch).to(device)) for batch in images.split(32)]
+    return torch.cat([m.mean for m in moments]), torch.cat([m.std for m in moments])
+
+
+def draw_batch(data: dict, n: int, scale: float, schedule, generator: torch.Generator, device):
+    """(z_t, t, ids, target) for n items of `data`: z₀ = scale·(μ + σ·n), t ~ U{0..T−1}, ε ~ N(0, I)."""
+    from ..train import training_target
+    index = torch.randint(len(data["ids"]), (n,), generator=generator)
+    z0 = scale * (data["mean"][index] + data["std"][index] * torch.randn(data["mean"][index].shape,
+                                                                         generator=generator).to(device))
+    t = torch.randint(schedule.n_train_steps, (n,), generator=generator)
+    eps = torch.randn(z0.shape, generator=generator).to(device)
+    z_t = schedule.q_sample(z0, t, eps)                                  # z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε
+    return z_t, t.to(device), data["ids"][index].to(device), training_target(schedule, z0, t, eps)
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = True, stop_at: int | None = None) -> dict:
+    """Run (or resume) a fine-tune; returns {"loss": [...], "prior_loss": [...], "output": Path or None, ...}.
+    stop_at: checkpoint and return after this many steps in all (a time-boxed run, resumed by calling again)."""
+    from ..loader import load_pipeline
+    captions = read_captions(image_files(Path(cfg.data)), cfg.instance_prompt or None)  # refused before work
+    if cfg.method == "textual-inversion" and not any(cfg.token.lower() in c.lower() for c in captions):
+        raise ValueError(f"no caption names --token {cfg.token!r}, so its vectors would get no gradient: write it "
+                         f"in the captions (e.g. 'a photo of {cfg.token}') or in --instance-prompt")
+    state = open_run(cfg, resume)
+    rank, world_size, device = setup_distributed(cfg.device)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(cfg.checkpoint or None, fast=False, device=device, tokenizer=cfg.tokenizer or None)
+    pipe.text_encoder.eval(), pipe.unet.eval(), pipe.vae.eval()   # no dropout in these networks: eval = train
+    size = pipe.config.image_size
+    images, captions = load_folder(Path(cfg.data), cfg.instance_prompt or None, size)
+    prior = None
+    if cfg.class_prompt:                      # the model's own pictures of the class, before it changes
+        folder = Path(cfg.class_dir or Path(cfg.out_dir) / "class_images")
+        if rank == 0:
+            class_images(pipe, folder, cfg.class_prompt, cfg.num_class_images, cfg.seed, progress=cfg.progress)
+        if world_size > 1:
+            dist.barrier()
+        prior = class_images(pipe, folder, cfg.class_prompt, cfg.num_class_images, cfg.seed, progress=False)
+    saved, parameters, extra = prepare_method(cfg, pipe)
+    data = dict(zip(("mean", "std"), encode(pipe, images, device)), ids=pipe.tokenizer(captions))
+    prior_data = dict(zip(("mean", "std"), encode(pipe, prior[0], device)), ids=pipe.tokenizer(prior[1])) \
+        if prior else None
+    model = wrap(Denoiser(pipe.text_encoder, pipe.unet, extra), world_size, device)
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    history, step = {"loss": [], "prior_loss": []}, 0
+    if state is not None:
+        for network, module in saved.items():
+            module.load_state_dict(state[network])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generators"][rank])
+        history["loss"], history["prior_loss"], step = state["loss"], state["vae_loss"], state["step"]
+    schedule, scale = pipe.config.schedule(), pipe.config.latent_scale
+    per_rank = max(1, cfg.batch // world_size)
+    start = time.time()
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=f"finetune ({cfg.method})",
+               disable=not (cfg.progress and rank == 0))
+    for step in bar:
+        z_t, t, ids, target = draw_batch(data, per_rank, scale, schedule, generator, device)
+        if prior_data is not None:            # one forward over both halves: [instance; class]
+            pz, pt, pids, ptarget = draw_batch(prior_data, per_rank, scale, schedule, generator, device)
+            pred = model(torch.cat([z_t, pz]), torch.cat([t, pt]), torch.cat([ids, pids]))
+            loss_inst, loss_prior = eps_loss(target, pred[:per_rank]), eps_loss(ptarget, pred[per_rank:])
+            loss = loss_inst + cfg.prior_weight * loss_prior  # L = ‖ε − ε̂(x_t, c_inst)‖² + λ‖ε′ − ε̂(x_t^pr, c_cls)‖²
+            history["prior_loss"].append(loss_prior.item())
+        else:
+            loss = loss_inst = eps_loss(target, model(z_t, t, ids))   # L = ‖ε − ε_θ(z_t, t, c)‖²
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        history["loss"].append(loss_inst.item())
+        bar.set_postfix(loss=f"{loss_inst.item():.4f}")
+        done = step + 1
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop_at:
+            checkpoint(cfg, saved, optimizer, generator, history, done, rank, world_size, pipe)
+        if done == stop_at and done < cfg.steps:
+            bar.close()
+            return {**history, "output": None, "pipe": pipe}
+    bar.close()
+    if cfg.checkpoint_every and cfg.steps % cfg.checkpoint_every and stop_at != cfg.steps:
+        checkpoint(cfg, saved, optimizer, generator, history, cfg.steps, rank, world_size, pipe)
+    output = write_output(cfg, pipe, saved) if rank == 0 else None
+    if world_size > 1:
+        dist.barrier()
+    return {**history, "output": output, "pipe": pipe, "seconds": time.time() - start}
+
+
+def checkpoint(cfg, saved, optimizer, generator, history, step, rank, world_size, pipe) -> None:
+    """ckpt.safetensors: the trainable state under state.py's network names, AdamW, every rank's generator."""
+    generators = [generator.get_state()]
+    if world_size > 1:
+        generators = [None] * world_size
+        dist.all_gather_object(generators, generator.get_state())
+    if rank != 0:
+        return
+    networks = {name: {} for name in ("vae", "text_encoder", "unet")}
+    networks.update({name: module.state_dict() for name, module in saved.items()})
+    save_state(Path(cfg.out_dir) / CKPT_NAME, dict(
+        **networks, stage="finetune", step=step, train_config=cfg.to_json(), model_config=pipe.config.to_json(),
+        optimizer=optimizer.state_dict(), generators=generators, vae_loss=history["prior_loss"],
+        loss=history["loss"]))
+
+
+def write_output(cfg: FinetuneConfig, pipe, saved: dict) -> Path:
+    """The finished fine-tune's file, written atomically: a LoRA, an embedding or a full single file."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import save_official
+    path = cfg.output
+    if cfg.method == "dreambooth":
+        pipe.text_encoder.eval(), pipe.unet.eval()
+        return save_official(path, pipe.text_encoder, pipe.unet, pipe.vae, pipe.config, overwrite=True)
+    if cfg.method == "lora":
+        layers = saved["unet"]
+        tensors = layers.kohya_tensors() if cfg.lora_format == "kohya" else layers.diffusers_tensors()
+    else:
+        base = pipe._embeddings.base_rows
+        tensors = {"emb_params": pipe.text_encoder.token_embedding.weight.detach()[base:].cpu().contiguous()}
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ldm_scratch.finetune": cfg.to_json()})
+    return path

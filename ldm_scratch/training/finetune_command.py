@@ -1,0 +1,68 @@
+"""The `finetune` command: `ldm-scratch finetune --method lora|textual-inversion|dreambooth --data FOLDER …`
+(also under torchrun: `torchrun --nproc_per_node 2 -m ldm_scratch.cli finetune …`). One flag per FinetuneConfig
+field; see finetune.py for what each method trains."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .finetune import DEFAULT_LR, LORA_FORMATS, METHODS, FinetuneConfig
+    from .lora_training import TARGET_PRESETS
+    d = FinetuneConfig(method="lora", data="", out_dir="")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--data", required=True, help="folder of images, each with a caption .txt beside it")
+    parser.add_argument("--out", dest="out_dir", required=True,
+                        help="run folder: checkpoint, class images, and the output file at the end")
+    parser.add_argument("--checkpoint", default="", help="the model to adapt (default: the bundled tiny model)")
+    parser.add_argument("--tokenizer", default="", help="vocabulary folder (vocab.json + merges.txt), if needed")
+    parser.add_argument("--instance-prompt", default="", help="the caption of every image without a .txt")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--lr", type=float, default=0.0,
+                        help="learning rate (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                             + ")")
+    parser.add_argument("--batch", type=int, default=d.batch, help="images per step (over all processes)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    lora.add_argument("--lora-alpha", type=float, default=0.0, help="α (default: the rank, so α/r = 1)")
+    lora.add_argument("--lora-targets", default=d.lora_targets, choices=tuple(TARGET_PRESETS),
+                      help="UNet layers: attention q/k/v/out, the whole transformer blocks, or every layer (LoCon)")
+    lora.add_argument("--lora-text-encoder", action="store_true", help="also the text encoder's attention and MLP")
+    lora.add_argument("--lora-format", default=d.lora_format, choices=LORA_FORMATS,
+                      help="kohya (web UI, ComfyUI; default) or diffusers (load_lora_weights)")
+    ti = parser.add_argument_group("textual inversion")
+    ti.add_argument("--token", default="", help="the new word, e.g. '<cross>' (must not be a CLIP token already)")
+    ti.add_argument("--init-word", default="", help="the word its vectors start from, e.g. 'square'")
+    ti.add_argument("--num-vectors", type=int, default=d.num_vectors)
+    db = parser.add_argument_group("DreamBooth")
+    db.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+    db.add_argument("--class-prompt", default="", help="prior preservation: the class, e.g. 'a red shape'")
+    db.add_argument("--num-class-images", type=int, default=d.num_class_images)
+    db.add_argument("--prior-weight", type=float, default=d.prior_weight, help="λ of the prior-preservation loss")
+    db.add_argument("--class-dir", default="", help="where class images are generated and reused (OUT/class_images)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh (needs --force over a checkpoint)")
+    parser.add_argument("--force", action="store_true", help="replace an existing run or output file")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from .finetune import FinetuneConfig, finetune
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig) if hasattr(args, f.name)}
+    cfg = FinetuneConfig(**values, progress=not args.no_progress)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = finetune(cfg, resume=not args.no_resume)
+    if result["output"] is not None:
+        print(f"fine-tuned in {result['seconds']:.0f} s; final loss {result['loss'][-1]:.4f}; wrote {result['output']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
