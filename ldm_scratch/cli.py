@@ -125,7 +125,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 
 # --from-png: the settings keys of a parameters text that each command-line option replaces
 OPTION_FIELDS = {"steps": ("Steps",), "sampler": ("Sampler", "Schedule type"), "guidance": ("CFG scale",),
-                 "seed": ("Seed",), "strength": ("Denoising strength",)}
+                 "seed": ("Seed",), "strength": ("Denoising strength",), "prompt_syntax": ("Prompt syntax",)}
 
 
 class Given(argparse.Action):
@@ -157,6 +157,8 @@ def apply_png_parameters(args):
             setattr(args, option, value)
     if "sampler" not in args.given:
         args.karras = params.karras
+    if "prompt_syntax" not in args.given:
+        args.prompt_syntax = params.prompt_syntax
     if args.clip_skip is None:
         args.clip_skip = params.clip_skip
     unused = dict(params.unknown)
@@ -239,7 +241,8 @@ def cmd_generate(args) -> int:
     texts = [format_parameters(args.prompt, args.negative or "", steps=args.steps, sampler=args.sampler,
                                guidance_scale=args.guidance, seed=seed + k, width=image.width, height=image.height,
                                model=pipe.config.name, strength=strength, clip_skip=args.clip_skip,
-                               karras=args.karras) for k, image in enumerate(images)]
+                               karras=args.karras, prompt_syntax=args.prompt_syntax)
+             for k, image in enumerate(images)]
     paths = output_paths(out, len(images), args.force)
     if args.grid and len(images) > 1:
         images, texts = images + [image_grid(images)], texts + [texts[0]]
@@ -260,7 +263,7 @@ def _add_generation_options(p: argparse.ArgumentParser, default_strength: float 
     p.add_argument("--checkpoint", default=None, help="official .safetensors/.ckpt or diffusers folder "
                    "(default: the bundled tiny model)")
     p.add_argument("--negative", default=None, action=Given, help="negative prompt")
-    p.add_argument("--prompt-syntax", default="a1111", choices=("a1111", "plain"),
+    p.add_argument("--prompt-syntax", default="a1111", choices=("a1111", "plain"), action=Given,
                    help="a1111 (default): AUTOMATIC1111's (word:1.3), [word], BREAK, [from:to:when], [a|b] and "
                    "prompts beyond 75 tokens; plain: the text as written, cut at 75 tokens")
     p.add_argument("--steps", type=int, default=30, action=Given)

@@ -84,7 +84,7 @@ def quote(value) -> str:
 
 def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler: str, guidance_scale: float,
                       seed: int, width: int, height: int, model: str | None = None, strength: float | None = None,
-                      clip_skip: int | None = None, karras: bool = False) -> str:
+                      clip_skip: int | None = None, karras: bool = False, prompt_syntax: str = "a1111") -> str:
     """The PNG `parameters` text in the web UI's format, e.g.
 
         a red circle on a blue background
@@ -94,7 +94,9 @@ def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler:
     No "Negative prompt:" line when there is none, no "Model" when model is None; img2img/inpaint add "Denoising
     strength"; clip_skip (ours) is written as the web UI's "Clip skip: clip_skip + 1", and only from 1 on (the web
     UI omits its 1). Floats are written in full (repr), so the file gives back exactly the numbers that made the
-    image; σ-samplers always get their "Schedule type" (see the module docstring).
+    image; σ-samplers always get their "Schedule type" (see the module docstring). prompt_syntax "plain" (brackets
+    read as text) is written as "Prompt syntax: plain" — a field of ours; the web UI always reads its own syntax and
+    ignores fields it does not know — so our file regenerates the same image; the default "a1111" is not written.
     """
     fields = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler)}
     if sampler in our_samplers() and takes_karras(sampler):
@@ -106,6 +108,8 @@ def format_parameters(prompt: str, negative_prompt: str, *, steps: int, sampler:
         fields["Denoising strength"] = float(strength)
     if clip_skip:
         fields["Clip skip"] = clip_skip + 1
+    if prompt_syntax != "a1111":
+        fields["Prompt syntax"] = prompt_syntax
     lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
     return "\n".join(lines + [", ".join(f"{key}: {quote(value)}" for key, value in fields.items())])
 
@@ -192,6 +196,7 @@ class GenerationParameters:
     height: int | None = None
     clip_skip: int | None = None             # ours (diffusers' count): the web UI's "Clip skip: N" is N − 1
     strength: float | None = None            # img2img / inpaint only
+    prompt_syntax: str = "a1111"             # "plain" only in our own files ("Prompt syntax: plain")
     model: str | None = None                 # for information: the checkpoint is chosen by the caller
     model_hash: str | None = None
     unknown: dict[str, str] = field(default_factory=dict)
@@ -205,6 +210,8 @@ class GenerationParameters:
         kwargs = {"prompt": self.prompt}
         if self.negative_prompt:
             kwargs["negative_prompt"] = self.negative_prompt
+        if self.prompt_syntax != "a1111":
+            kwargs["prompt_syntax"] = self.prompt_syntax
         for name in ("steps", "guidance_scale", "seed", "width", "height", "clip_skip"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
@@ -219,7 +226,7 @@ class GenerationParameters:
         return format_parameters(self.prompt, self.negative_prompt, steps=self.steps, sampler=self.sampler,
                                  guidance_scale=self.guidance_scale, seed=self.seed, width=self.width,
                                  height=self.height, model=self.model, strength=self.strength,
-                                 clip_skip=self.clip_skip, karras=self.karras)
+                                 clip_skip=self.clip_skip, karras=self.karras, prompt_syntax=self.prompt_syntax)
 
 
 def _number(fields: dict[str, str], key: str, kind):
@@ -265,6 +272,11 @@ def parameters_from_text(text: str, skip=()) -> GenerationParameters:
             raise ParametersError(f"'Clip skip: {n}' in the parameters text: the web UI counts from 1 (1 = the last "
                                   "layer, 2 = the one before)")
         p.clip_skip = n - 1
+    if "Prompt syntax" in fields:
+        syntax = fields.pop("Prompt syntax")
+        if syntax not in ("a1111", "plain"):
+            raise ParametersError(f"'Prompt syntax: {syntax}' in the parameters text: it is 'a1111' or 'plain'")
+        p.prompt_syntax = syntax
     if "Denoising strength" in fields:
         p.strength = _number(fields, "Denoising strength", float)
     p.model, p.model_hash = fields.pop("Model", None), fields.pop("Model hash", None)

@@ -196,3 +196,35 @@ def test_other_recipe_on_resume_and_bad_options_are_refused(setup, tmp_path):
         config(setup, tmp_path, "full")
     with pytest.raises(ValueError, match="already a token"):   # "square" is one token of the vocabulary
         finetune(config(setup, tmp_path / "ti", "textual-inversion", token="square", init_word="red"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the new shape for the demo: drawn only when asked, read by the checker only when asked
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_new_shape_is_not_in_the_default_data():
+    from ldm_scratch.data.shapes import NEW_SHAPES, combinations, new_shape_combinations
+    assert NEW_SHAPES == ("cross",) and len(new_shape_combinations()) == 30
+    for split in ("train", "heldout", "all"):
+        assert not any(s in NEW_SHAPES for s, _, _ in combinations(split, extreme_backgrounds=True))
+
+
+def test_checker_reads_the_cross_only_when_asked():
+    from PIL import ImageFilter
+
+    from ldm_scratch.data.checker import check
+    from ldm_scratch.data.shapes import all_combinations, new_shape_combinations
+
+    def blurred(image, rng):
+        pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float64)
+        return np.clip(pixels + rng.normal(0, 0.05 * 255, pixels.shape), 0, 255).astype(np.uint8)
+
+    crosses = [(render(*c, size=64, rng=np.random.default_rng([7, i])), c)
+               for i, c in enumerate(new_shape_combinations() * 2)]
+    assert np.mean([check(image, new_shapes=True).matches(*c) for image, c in crosses]) >= 0.98
+    assert np.mean([check(image, new_shapes=True).confident for image, _ in crosses]) >= 0.95
+    assert np.mean([check(blurred(image, np.random.default_rng(i)), new_shapes=True).matches(*c)
+                    for i, (image, c) in enumerate(crosses)]) >= 0.95
+    assert all(check(image).shape != "cross" for image, _ in crosses)        # off: verdicts as before
+    old = [(render(*c, size=64, rng=np.random.default_rng([8, i])), c) for i, c in enumerate(all_combinations())]
+    assert np.mean([check(image, new_shapes=True).matches(*c) for image, c in old]) >= 0.98   # squares stay

@@ -188,6 +188,7 @@ def test_written_as_the_webui_writes():
       2**32 - 1, 64, 96, clip_skip=1, model='my, "model"'),
     P("東京の夜景 🦊, don’t", "", 20, "lms", True, 1.0, 0, 8, 16, clip_skip=2, strength=0.35, model="v1-5"),
     P("", "", 1, "ddim", False, 0.0, 7, 8, 8, model="m"),
+    P("(literal) [text]", "", 5, "ddim", False, 7.5, 1, 8, 8, prompt_syntax="plain"),   # "Prompt syntax: plain"
 ])
 def test_text_round_trip(params):
     assert read(params.text()) == params
@@ -300,6 +301,18 @@ def test_our_png_regenerates_the_identical_image(model, tmp_path, capsys):
     assert "note:" not in capsys.readouterr().err                   # nothing in our own file goes unused
     (a, text_a), (b, text_b) = pixels_and_text(first), pixels_and_text(again)
     assert a.shape == (64, 48, 3) and np.array_equal(a, b) and text_a == text_b
+
+
+def test_our_png_keeps_plain_prompt_syntax(model, tmp_path, capsys):
+    """A plain-syntax image (brackets as text) regenerates as plain: read as a1111 its pixels would differ."""
+    first, again, weighted = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "weighted.png"
+    options = ["--seed", "3", "--steps", "2", "--height", "32", "--width", "32"]
+    assert generate(model, "a (((red))) circle", "--prompt-syntax", "plain", *options, "--out", str(first)) == 0
+    assert generate(model, "--from-png", str(first), "--out", str(again)) == 0
+    assert generate(model, "a (((red))) circle", *options, "--out", str(weighted)) == 0
+    (a, text_a), (b, text_b), (c, _) = pixels_and_text(first), pixels_and_text(again), pixels_and_text(weighted)
+    assert "Prompt syntax: plain" in text_a and np.array_equal(a, b) and text_a == text_b
+    assert not np.array_equal(a, c)                                  # the field matters
 
 
 def test_webui_png_regenerates_with_karras_and_clip_skip(model, tmp_path, capsys):

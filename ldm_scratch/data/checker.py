@@ -21,6 +21,9 @@ Steps, on the image resized to 64×64 (box filter down, bilinear up), pixels p �
      flat. The largest of h₃, h₄, h₅ names the shape, unless every h_k is under 40 % of what that shape has when
      drawn (DRAWN_HARMONIC) → circle.
 
+   With `new_shapes=True` (fine-tuning's "cross", shapes.NEW_SHAPES) a 4-fold outline is a cross when h₄ is over
+   CROSS_MIN_H4: a plus sign's radius swings from arm tip to notch far more than a square's from corner to side.
+
 `Reading.confident` is False when a step found nothing sure (no shape, colours far from every palette colour, a
 weak harmonic margin, or most of the foreground in other blobs); a field is None when it could not be read at all.
 """
@@ -43,6 +46,9 @@ HARMONIC_SHAPES = {3: "triangle", 4: "square", 5: "star"}
 # them to ≥ 0.23 / 0.11 / 0.19, while a circle stays ≤ 0.02 — or ≤ 0.06 when its outline wobbles by ~1.5 px (the
 # "warp" of scripts/checker_accuracy.py), which is why the circle test is relative to each shape's own amplitude.
 DRAWN_HARMONIC = {3: 0.27, 4: 0.137, 5: 0.31}
+# h₄ of a drawn cross is 0.34–0.35 (0.28–0.32 blurred by σ = 2 px), of a square 0.14 (0.12 blurred), measured on
+# 40 jittered renders each: the threshold sits between the two
+CROSS_MIN_H4 = 0.21
 CIRCLE_MAX_SCORE = 0.4    # circle when h_k / DRAWN_HARMONIC[k] < 0.4 for k = 3, 4, 5
 N_RAYS = 180
 RAY_STEP = 0.25           # pixels between samples along a ray
@@ -71,12 +77,13 @@ class Reading:
         return self.as_tuple() == (shape, colour, background)
 
 
-def check(image, extreme_backgrounds: bool = False) -> Reading:
+def check(image, extreme_backgrounds: bool = False, new_shapes: bool = False) -> Reading:
     """Read (shape, colour, background) from an RGB image: PIL image or uint8/float array [H, W, 3] (H, W ≥ 32).
 
     A float array is taken as [0, 1] (the pipeline's "np" output); uint8 as [0, 255].
     extreme_backgrounds: the background may also be "pure black" or "pure white" (data made with
     `ShapesDataset(..., extreme_backgrounds=True)`); off, the names and verdicts are the palette's only, as before.
+    new_shapes: the shape may also be a "cross" (shapes.NEW_SHAPES); off, verdicts are as before.
     """
     pixels = _to_work_pixels(image)  # [64, 64, 3] float64 in [0, 255]
     features: dict = {}
@@ -133,6 +140,9 @@ def check(image, extreme_backgrounds: bool = False) -> Reading:
     else:
         # sure only when one symmetry clearly dominates and is well clear of the circle threshold
         shape, shape_sure = HARMONIC_SHAPES[ranked[0]], best > 2 * second and score > 1.5 * CIRCLE_MAX_SCORE
+        if new_shapes and shape == "square":  # a square's h₄ ≈ 0.14, a cross's ≈ 0.34
+            shape = "cross" if harmonics[4] > CROSS_MIN_H4 else "square"
+            shape_sure = shape_sure and abs(harmonics[4] - CROSS_MIN_H4) > 0.2 * CROSS_MIN_H4
 
     confident = (shape_sure and bg_error < MAX_PALETTE_DISTANCE and fg_error < MAX_PALETTE_DISTANCE
                  and features["blob_share"] > 0.8 and colour != background)
