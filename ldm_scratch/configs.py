@@ -46,6 +46,7 @@ class ModelConfig:
     image_size: int = 512             # the resolution the model was trained at (default height/width)
     kind: str = "sd-v1"               # "sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting" or "tiny"
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction" (SD 2 768-v)
+    rescale_zero_terminal_snr: bool = False  # β rescaled so ᾱ_T = 0 (Lin et al. 2023; `train --zero-snr`)
     name: str = "stable-diffusion-v1"  # written into PNG metadata ("Model:")
 
     @property
@@ -61,7 +62,8 @@ class ModelConfig:
     def schedule(self) -> Schedule:
         """The β schedule (T, β_start, β_end) this model is trained and sampled with, and what it predicts."""
         return Schedule(ScheduleConfig(n_train_steps=self.num_train_timesteps, beta_start=self.beta_start,
-                                       beta_end=self.beta_end, prediction_type=self.prediction_type))
+                                       beta_end=self.beta_end, prediction_type=self.prediction_type,
+                                       rescale_zero_terminal_snr=self.rescale_zero_terminal_snr))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -195,7 +195,8 @@ def start_run(cfg: TrainConfig, checkpoint: dict | None) -> Run:
     else:
         text_encoder, unet, vae = build_models(cfg.model, cfg.seed)
     # what the UNet will predict, so that the exported file says it (ModelConfig.prediction_type)
-    model_config = dataclasses.replace(model_config, prediction_type=cfg.prediction_type)
+    model_config = dataclasses.replace(model_config, prediction_type=cfg.prediction_type,
+                                       rescale_zero_terminal_snr=cfg.zero_snr or model_config.rescale_zero_terminal_snr)
     text_encoder, unet, vae = (m.float().to(device) for m in (text_encoder, unet, vae))
     tokenizer = load_tokenizer()
     start = time.time()

@@ -106,6 +106,10 @@ print(f"{history['steps_done']} steps, {history['seconds'] / 60:.1f} min wall, {
       "CPU-min")
 
 # %% [markdown]
+# In the run bundled with the package, the outputs stay near 0 for ~400 steps, then the deep zero convolutions
+# (the last skips and the middle block, at 8² and 4²) rise steeply between steps ~450 and ~800 while the shallow ones
+# (at 16²) stay small: the layout is carried by the coarse levels. The loss falls from ≈ 0.027 to ≈ 0.021.
+#
 # ## With and without control, and `controlnet_scale`
 #
 # The same prompts and seed, on layouts the training never saw. Without control the base model puts the shape
@@ -113,13 +117,13 @@ print(f"{history['steps_done']} steps, {history['seconds'] / 60:.1f} min wall, {
 # 0 is the base model, 1 what it was trained with, and above 1 the control is over-emphasised.
 
 # %%
-hidden = ShapesDataset("all", size=64, length=4, seed=2026)
-samples = [hidden.sample(i) for i in range(4)]
+hidden = ShapesDataset("all", size=64, length=3, seed=2026)
+samples = [hidden.sample(i) for i in range(3)]
 captions = [caption(*c) for _, c in samples]
 pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _ in samples])
 hints = edge_hints(pixels)
-scales = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]
-rows = [generate_controlled(pipe, controlnet, captions, hints, seed=1, scale=s, steps=20) for s in scales]
+scales = [0.0, 0.5, 1.0, 2.0]
+rows = [generate_controlled(pipe, controlnet, captions, hints, seed=1, scale=s, steps=15) for s in scales]
 
 fig, axes = plt.subplots(len(samples), 1 + len(scales), figsize=(1.7 * (1 + len(scales)), 1.8 * len(samples)))
 for i in range(len(samples)):

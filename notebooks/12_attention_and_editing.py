@@ -53,7 +53,7 @@ def show(images, titles, size=2.2):
         ax.imshow(image)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    plt.show()
+    return fig
 
 
 # %% [markdown]
@@ -96,6 +96,7 @@ maps = editing.attention_maps(pipe, "a red circle on a yellow background", seed=
 print(check(maps.image).as_tuple())
 show([maps.image] + [editing.overlay(maps.image, m) for m in maps.values()],
      ["image"] + [f"{i}: {token}" for i, token in maps])
+plt.show()
 
 # %% [markdown]
 # How much of each word's attention falls inside the shape (the checker's reading of the shape, thresholded at
@@ -110,10 +111,10 @@ for (i, token), m in maps.items():
     print(f"{i}: {token:<11} {share:5.1%} of its attention on the shape ({inside.mean():.0%} of the image)")
 
 # %% [markdown]
-# A word about the shape should put more than the area's share of its attention on it. In this tiny model the
-# contrast is modest: it attends only at 8×8 and 4×4 with two heads, so its maps are coarse (measured on three
-# prompts at 10 steps, the shape's word put 0.9–1.7× the area's share on the shape; SD's 64×64 maps are far
-# sharper). That limits what a mask made from them (local blending, below) can do here.
+# A word about the shape should put more than the area's share of its attention on it. In this tiny model it
+# hardly does: the model attends only at 8×8 and 4×4 with two heads, so its maps are coarse and barely localised
+# (on three other prompts at 10 steps the shape's word put 0.9–1.7× the area's share on the shape; SD's 64×64 maps
+# are far sharper). That limits what a mask made from them (local blending, below) can do here.
 
 # %% [markdown]
 # ## Prompt-to-prompt: change a word, keep the layout
@@ -137,6 +138,7 @@ _, reweighted = editing.prompt_to_prompt(pipe, source_prompt, source_prompt, rew
 show([source, plain, swapped, blended, refined, reweighted],
      ["source", "regenerated\n'green'", "word swap\nred → green", "swap + local\nblend 'circle'",
       "refinement\n+ 'purple'", "reweight\n'blue' × 0.2"])
+plt.show()
 for name, image in (("source", source), ("regenerated", plain), ("swap", swapped), ("blend", blended)):
     print(f"{name:<12} {check(image).as_tuple()}")
 
@@ -166,3 +168,11 @@ _, edited = editing.prompt_to_prompt(pipe, prompt, "a green square on a purple b
 show([real, autoencoded, from_plain, from_null, edited],
      ["rendered", f"D(E(x))\n{psnr(autoencoded, real):.1f} dB", f"DDIM inversion\n{psnr(from_plain, real):.1f} dB",
       f"null-text\n{psnr(from_null, real):.1f} dB", "edited:\nyellow → green"])
+plt.show()
+
+# %% [markdown]
+# The inversion works: sampling with the tuned null-text embeddings gives the image back about as well as the
+# autoencoder alone can, where plain DDIM inversion drifts under guidance 7.5. The edit of the inverted image does
+# not work on this tiny model: the target's guided steps ε(∅_t) + 7.5·(ε(c_target) − ε(∅_t)) reuse embeddings ∅_t
+# tuned for the source prompt only, and the coarse attention maps above hold neither the shape nor the background
+# in place. Left here as a measured limitation, not a demonstration.

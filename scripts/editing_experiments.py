@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import random
 import time
@@ -127,12 +128,18 @@ def main() -> None:
     parser.add_argument("--cross-replace", type=float, default=0.8)
     parser.add_argument("--self-replace", type=float, default=0.4)
     parser.add_argument("--local-blend", action="store_true", help="(a): blend with the shape word's mask")
+    parser.add_argument("--self-share", type=int, default=None,
+                        help="(a): copy self-attention at layers with ≤ latent pixels / this many queries "
+                             "(default: prompt_to_prompt.SELF_REPLACE_SHARE, 16 as the authors)")
     parser.add_argument("--learning-rate", type=float, default=0.01, help="(b): null-text Adam's (authors': 0.01)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     pipe = ldm_scratch.load_pipeline()
     start = time.time()
+    if args.self_share is not None:
+        # the module, not the function of the same name that ldm_scratch.editing exports
+        importlib.import_module("ldm_scratch.editing.prompt_to_prompt").SELF_REPLACE_SHARE = args.self_share
     if args.measure == "swap":
         options = {"guidance_scale": args.guidance, "cross_replace": args.cross_replace,
                    "self_replace": args.self_replace}

@@ -140,6 +140,29 @@ def test_resume_gives_the_uninterrupted_result(setup, tmp_path, method, options)
 
 
 @pytest.mark.slow
+def test_ddp_two_processes_gloo(setup, tmp_path):
+    """torchrun with 2 CPU processes: each draws its own batches, DDP averages the LoRA's gradients, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from ldm_scratch.training.state import load_state
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ldm_scratch.cli", "finetune", "--method", "lora", "--data", setup["data"], "--out", str(out),
+               "--checkpoint", setup["checkpoint"], "--tokenizer", setup["tokenizer"], "--steps", "4", "--batch",
+               "4", "--checkpoint-every", "2", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = load_state(out / "ckpt.safetensors")
+    assert state["step"] == 4 and len(state["generators"]) == 2
+    assert not torch.equal(state["generators"][0], state["generators"][1])     # each rank its own batches
+    pipe = load_pipeline(setup["checkpoint"], tokenizer=setup["tokenizer"], fast=False)
+    pipe.load_lora(out / "lora.safetensors")
+
+
+@pytest.mark.slow
 def test_loss_goes_down_on_one_image(setup, tmp_path):
     """Overfitting one picture: the loss at fixed (t, ε) falls."""
     data = tmp_path / "one"

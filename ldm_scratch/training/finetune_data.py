@@ -75,12 +75,15 @@ def load_folder(folder: Path, instance_prompt: str | None, size: int) -> tuple[t
 def class_images(pipe, folder: Path, prompt: str, count: int, seed: int, steps: int = 20,
                  progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """`count` pictures of the class prompt in `folder`, generating only the missing ones (the model's own prior,
-    sampled with the pipeline's defaults, seed + i each); (uint8 [count, 3, S, S], [prompt] · count)."""
+    sampled with the pipeline's defaults, seed + i each); (uint8 [count, 3, S, S], their prompts). Several
+    prompts separated by "|" are used in turn (picture i: prompt i mod n): a prior over a whole vocabulary."""
+    prompts = [p.strip() for p in prompt.split("|") if p.strip()]
     from tqdm import tqdm
     folder.mkdir(parents=True, exist_ok=True)
     size = pipe.config.image_size
     for i in tqdm(range(count), desc="class images", disable=not progress):
         path = folder / f"class-{i:04d}.png"
+        prompt = prompts[i % len(prompts)]
         if path.is_file() and path.with_suffix(".txt").is_file() \
                 and path.with_suffix(".txt").read_text(encoding="utf-8").strip() == prompt:
             continue
@@ -89,4 +92,4 @@ def class_images(pipe, folder: Path, prompt: str, count: int, seed: int, steps: 
         image.save(path)
         path.with_suffix(".txt").write_text(prompt + "\n", encoding="utf-8")
     files = [folder / f"class-{i:04d}.png" for i in range(count)]
-    return torch.stack([load_image(f, size) for f in files]), [prompt] * count
+    return torch.stack([load_image(f, size) for f in files]), [prompts[i % len(prompts)] for i in range(count)]
