@@ -174,6 +174,10 @@ def as_sampler(sampler, schedule: Schedule) -> Sampler:
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a name (see ldm_scratch.samplers.SAMPLERS) or a Sampler, got "
                         f"{type(sampler).__name__}")
+    wanted, built = schedule.config.prediction_type, sampler.schedule.config.prediction_type
+    if built != wanted:   # it would read the network's output as the wrong quantity (v as ε): a wrong image, no error
+        raise ValueError(f"the sampler was built for prediction_type={built!r}, but this model predicts {wanted!r}: "
+                         "build it with get_sampler(name, schedule=pipe.schedule, ...)")
     return sampler
 
 

@@ -49,9 +49,10 @@ train, heldout = [combos[i] for i in order[:20]], [combos[i] for i in order[20:]
 for i, combo in enumerate(train):             # 20 pictures, each with its caption beside it
     render(*combo, size=64, rng=np.random.default_rng([16, i])).save(work / "data" / f"{i:02d}.png")
     (work / "data" / f"{i:02d}.txt").write_text(caption(*combo))
-fig, axes = plt.subplots(1, 8, figsize=(12, 1.8))
+fig, axes = plt.subplots(1, 8, figsize=(8, 1.3))
 for ax, i in zip(axes, range(8)):
-    ax.imshow(plt.imread(work / "data" / f"{i:02d}.png")), ax.set_title(caption(*train[i])[2:-11], fontsize=7)
+    ax.imshow(plt.imread(work / "data" / f"{i:02d}.png"))
+    ax.set_title(f"{train[i][1]} {train[i][0]}\non {train[i][2]}", fontsize=6)
     ax.axis("off")
 
 # %% [markdown]
@@ -79,7 +80,7 @@ def relative_error(delta: torch.Tensor) -> np.ndarray:
     return ((s2.sum() - s2.cumsum(0)).clamp(min=0) / s2.sum()).sqrt().numpy()
 
 
-fig, ax = plt.subplots(figsize=(6, 3.5))
+fig, ax = plt.subplots(figsize=(5, 2.8))
 for name in list(deltas)[:6]:
     ax.plot(range(1, len(relative_error(deltas[name])) + 1), relative_error(deltas[name]), label=name, lw=1)
 noise = torch.randn_like(deltas[name])
@@ -101,7 +102,7 @@ lora = finetune(FinetuneConfig(method="lora", data=str(work / "data"), out_dir=s
                                checkpoint_every=0, progress=False))
 print(f"{lora['output'].name}: {lora['output'].stat().st_size / 1e3:.0f} kB in {lora['seconds']:.0f} s; loss "
       f"{np.mean(lora['loss'][:10]):.3f} → {np.mean(lora['loss'][-10:]):.3f}")
-plt.figure(figsize=(6, 2.5)), plt.plot(lora["loss"], lw=0.8), plt.xlabel("step"), plt.ylabel("loss");
+plt.figure(figsize=(4.5, 1.8)), plt.plot(lora["loss"], lw=0.8), plt.xlabel("step"), plt.ylabel("loss");
 
 # %% [markdown]
 # ## Before and after
@@ -114,10 +115,10 @@ prompts = [caption(*c) for c in heldout[:6]] + ["a red circle on a blue backgrou
 expected = heldout[:6] + [("circle", "red", "blue"), ("star", "green", "white")]
 after = ldm_scratch.load_pipeline(fast=False)
 after.load_lora(lora["output"])
-fig, axes = plt.subplots(2, len(prompts), figsize=(1.6 * len(prompts), 3.8))
+fig, axes = plt.subplots(2, len(prompts), figsize=(1.2 * len(prompts), 3.0))
 for row, (label, pipe) in enumerate([("before", base), ("after LoRA", after)]):
     images = pipe.txt2img(prompts, steps=20, seed=0, output_type="np", progress=False)
     for ax, image, prompt, combo in zip(axes[row], images, prompts, expected):
         mark = "✓" if check(image, new_shapes=True).matches(*combo) else "✗"
-        ax.imshow(image), ax.axis("off"), ax.set_title(f"{mark} {prompt[2:-11]}", fontsize=6)
+        ax.imshow(image), ax.axis("off"), ax.set_title(f"{mark} {combo[1]} {combo[0]}\non {combo[2]}", fontsize=6)
     axes[row][0].text(-8, 32, label, rotation=90, va="center", ha="right", fontsize=8)

@@ -16,3 +16,9 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 if [ -n "$extras" ]; then target=".[${extras}]"; else target="."; fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e "$target"
+# open_clip (the reference for SD 2's text tower) without its dependencies: it requires torchvision, and pip would
+# replace the installed torch (e.g. the CPU wheel) with the torch that torchvision pins. The tests import only its
+# text tower module, which needs nothing but torch.
+if [[ ",${extras}," == *",reference,"* ]]; then
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "open-clip-torch==3.3.0"
+fi

@@ -152,3 +152,12 @@ def test_a_one_sided_inpainting_mask_warns(pipe, fill, words):
 def test_a_usual_mask_does_not_warn(pipe, recwarn):
     pipe.inpaint("a fox", IMAGE, sample_mask(64, 64), seed=0, **FAST)
     assert not [w for w in recwarn if "mask_image" in str(w.message)]
+
+
+def test_a_sampler_built_for_the_other_prediction_type_is_refused(pipe):
+    """A sampler made without the model's schedule would read a v-model's output as ε: a wrong image, silently."""
+    from ldm_scratch.diffusion import Schedule, ScheduleConfig
+    from ldm_scratch.samplers import get_sampler
+    v_sampler = get_sampler("ddim", schedule=Schedule(ScheduleConfig(prediction_type="v_prediction")))
+    with pytest.raises(ValueError, match="built for prediction_type='v_prediction'.*schedule=pipe.schedule"):
+        pipe.txt2img("a fox", sampler=v_sampler, **FAST)

@@ -207,8 +207,12 @@ def test_existing_output_needs_force(setup, tmp_path):
     assert first["output"].read_bytes() != before
 
 
-def test_other_recipe_on_resume_and_bad_options_are_refused(setup, tmp_path):
+def test_other_recipe_on_resume_and_bad_options_are_refused(setup, tmp_path, monkeypatch):
     finetune(config(setup, tmp_path, "lora", steps=4), stop_at=1)
+    with monkeypatch.context() as m:
+        m.setenv("WORLD_SIZE", "2")                     # as torchrun would set it: refused before joining a group
+        with pytest.raises(ValueError, match="written by 1 process.*--nproc_per_node"):
+            finetune(config(setup, tmp_path, "lora", steps=4))
     with pytest.raises(ValueError, match="lora_rank: 4 .checkpoint. vs 8 .given."):
         finetune(config(setup, tmp_path, "lora", steps=4, lora_rank=8))
     with pytest.raises(FileExistsError, match="holds a fine-tune's checkpoint"):
@@ -217,6 +221,16 @@ def test_other_recipe_on_resume_and_bad_options_are_refused(setup, tmp_path):
         config(setup, tmp_path, "textual-inversion")
     with pytest.raises(ValueError, match="--method 'full'"):
         config(setup, tmp_path, "full")
+    with pytest.raises(ValueError, match="--lora-targets 'everything'"):
+        config(setup, tmp_path, "lora", lora_targets="everything")
+    with pytest.raises(ValueError, match="--lora-format 'ckpt'"):
+        config(setup, tmp_path, "lora", lora_format="ckpt")
+    with pytest.raises(ValueError, match="--steps 0"):
+        config(setup, tmp_path, "lora", steps=0)
+    with pytest.raises(ValueError, match="--class-prompt .* is for --method dreambooth"):
+        config(setup, tmp_path, "lora", class_prompt="a square")
+    with pytest.raises(ValueError, match="the rank must be at least 1"):
+        finetune(config(setup, tmp_path / "rank", "lora", lora_rank=0))
     with pytest.raises(ValueError, match="already a token"):   # "square" is one token of the vocabulary
         finetune(config(setup, tmp_path / "ti", "textual-inversion", token="square", init_word="red"))
 

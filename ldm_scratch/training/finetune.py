@@ -96,6 +96,9 @@ class FinetuneConfig:
             raise ValueError(f"--lora-targets {self.lora_targets!r}: choose one of {', '.join(TARGET_PRESETS)}")
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"--steps {self.steps} and --batch {self.batch} must both be at least 1")
+        if self.lora_rank < 1 or self.num_vectors < 1:
+            raise ValueError(f"--lora-rank {self.lora_rank} and --num-vectors {self.num_vectors}: the rank must be "
+                             f"at least 1, and so must the number of vectors")
         if self.method == "textual-inversion" and not (self.token and self.init_word):
             raise ValueError("textual inversion needs --token (the new word, e.g. '<cross>') and --init-word (a "
                              "word it starts from, e.g. 'square')")
