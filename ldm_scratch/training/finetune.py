@@ -301,7 +301,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = True, stop_at: int | None = Non
 
 
 def checkpoint(cfg, saved, optimizer, generator, history, step, rank, world_size, pipe) -> None:
-    """ckpt.safetensors: the trainable state under state.py's network names, AdamW, every rank's generator."""
+    """ckpt.safetensors: the trainable state under state.py's network names, AdamW, every rank's generator, the
+    losses (state.py's "vae_loss" slot holds the prior-preservation losses: a fine-tune has no autoencoder stage)."""
     generators = [generator.get_state()]
     if world_size > 1:
         generators = [None] * world_size
