@@ -6,6 +6,12 @@
     state.py     the resume state on disk: safetensors + JSON (no pickle), written atomically
     sampling.py  the periodic sample grids (CFG sampling with the in-training networks)
     command.py   the `train` command's flags (one per TrainConfig field) and what it runs
+    controlnet.py         `ldm-scratch train-controlnet`: a ControlNet for the tiny model, the base model frozen
+    finetune.py           `ldm-scratch finetune`: LoRA, textual inversion, DreamBooth (+ prior
+                          preservation) on a few pictures
+    finetune_data.py      a fine-tune's image folder and captions; DreamBooth's generated class images
+    finetune_command.py   the `finetune` command's flags
+    lora_training.py      trainable LoRA layers (W₀x + (α/r)·B(Ax), B = 0 at the start), kohya/diffusers writers
 
-Every public name here is also importable from `ldm_scratch.train`.
+The names of config … command are also importable from `ldm_scratch.train`.
 """
