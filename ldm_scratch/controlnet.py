@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import DownLevel, Middle, TimestepMLP, UNetConfig, timestep_embedding
+from .unet import Middle, TimestepMLP, UNetConfig, encoder_levels, timestep_embedding
 
 
 @dataclass
@@ -100,18 +100,13 @@ class ControlNet(nn.Module):
         self.config = config
         c = config.unet
         widths = [c.model_channels * m for m in c.channel_mult]
-        last = len(widths) - 1
 
         self.hint_encoder = HintEncoder(config.hint_channels, config.hint_widths, widths[0])
-        # the encoder half of the UNet, built as UNet.__init__ builds it (same classes, same config)
+        # the encoder half of the UNet, built by the same function from the same config (unet.encoder_levels)
         self.time_embedding = TimestepMLP(c.model_channels, c.time_dim)
         self.input_conv = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
-        skip_channels, ch = [widths[0]], widths[0]
-        self.down = nn.ModuleList()
-        for level, width in enumerate(widths):
-            self.down.append(DownLevel(ch, width, c, level in c.attention_levels, downsample=level != last))
-            skip_channels += [width] * (c.num_res_blocks + (level != last))
-            ch = width
+        self.down, skip_channels = encoder_levels(c)
+        ch = skip_channels[-1]
         self.middle = Middle(ch, c)
         # Z(·; Θ_z): one zero 1×1 conv per skip the UNet reads, and one for the middle block's output
         self.zero_convs = nn.ModuleList(zero_conv(width, width) for width in skip_channels)

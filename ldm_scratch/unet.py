@@ -267,6 +267,21 @@ class UpLevel(nn.Module):
         return x
 
 
+def encoder_levels(c: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The encoder half's levels (the UNet's, and the copy a ControlNet trains), and the width of every activation
+    it pushes onto the skip stack, the input conv's first: SD v1 [320, 320, 320, 320, 640, 640, 640, 1280, 1280,
+    1280, 1280, 1280] (12 skips; the last level has no downsample)."""
+    widths = [c.model_channels * m for m in c.channel_mult]
+    last = len(widths) - 1
+    skip_channels, ch = [widths[0]], widths[0]
+    levels = nn.ModuleList()
+    for level, width in enumerate(widths):
+        levels.append(DownLevel(ch, width, c, level in c.attention_levels, downsample=level != last))
+        skip_channels += [width] * (c.num_res_blocks + (level != last))
+        ch = width
+    return levels, skip_channels
+
+
 class UNet(nn.Module):
     """The noise predictor: forward(x [B, C_in, h, w], t [B] or scalar, context [B, 77, D]) → eps_pred [B, 4, h, w].
 
@@ -277,19 +292,12 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config or UNetConfig()
         widths = [c.model_channels * m for m in c.channel_mult]          # SD v1: 320, 640, 1280, 1280
-        last = len(widths) - 1
 
         self.time_embedding = TimestepMLP(c.model_channels, c.time_dim, c.guidance_embed_dim)
         self.input_conv = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
 
-        # the encoder half; skip_channels records the width of every activation pushed onto the skip stack
-        skip_channels, ch = [widths[0]], widths[0]
-        self.down = nn.ModuleList()
-        for level, width in enumerate(widths):
-            self.down.append(DownLevel(ch, width, c, level in c.attention_levels, downsample=level != last))
-            skip_channels += [width] * (c.num_res_blocks + (level != last))
-            ch = width
-
+        self.down, skip_channels = encoder_levels(c)                     # the encoder half
+        ch = skip_channels[-1]
         self.middle = Middle(ch, c)
 
         # the decoder half, built deepest first (the order it runs in, popping the skip stack), stored by level
