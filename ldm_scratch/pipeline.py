@@ -34,7 +34,6 @@ sampler's state stays float32 and is cast for each UNet call. A float16 VAE deco
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -44,10 +43,12 @@ from .arguments import (check_count, check_memory, check_prompt_syntax, prepare,
                         txt2img_size)
 from .conditioning import StepContexts, step_contexts
 from .control import ControlledUNet, prepare_controls
+from .fast.deepcache import fast_unet
 from .guidance import model_function
 from .images import OUTPUT_TYPES  # noqa: F401  (kept importable from here, where it was defined before)
 from .images import check_size, default_size, images_to_tensor, load_images, masks_to_tensor, to_output
 from .instruct import InstructMethods
+from .latents import NonFiniteOutputError, decode_latents, encode_images, vae_call
 from .lora import LoraMethods
 from .textual_inversion import TextualInversionMethods
 from .samplers.base import steps_to_run
@@ -55,11 +56,6 @@ from .seeds import check_latents, make_generators, skip_draws, starting_noise
 
 # the tiny model trained here, shipped inside the package (package data) so every kind of install can generate
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "tiny-shapes.safetensors"
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-class NonFiniteOutputError(FloatingPointError):
-    """The sampled latents or the decoded image hold NaN/inf (instead of silently returning a black image)."""
 
 
 class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  # + load_lora, set_lora_scale,
@@ -139,51 +135,25 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
                              prompt_embeds, negative_embeds, num_images=num_images, guided=self.uses_cfg(guidance_scale),
                              clip_skip=clip_skip, syntax=prompt_syntax, steps=steps, dtype=self.dtype)
 
-    # -- latents ↔ images --------------------------------------------------------------------------------------------
+    # -- latents ↔ images (latents.py) -------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor, generators, batch: int) -> torch.Tensor:
-        """images [K, 3, H, W] in [−1, 1] (K = 1 or `batch`) → scaled latents z = latent_scale · (μ + σ·n),
-        [batch, 4, h, w]. One generator: one posterior draw over the K images, then repeated to the batch;
-        one per image: image i's draw comes from generator i (diffusers' two cases)."""
-        if isinstance(generators, torch.Generator):
-            z = self._vae_call(lambda x: self.vae.encode(x).sample(generators), images, "encode")
-            z = z.repeat(batch // z.shape[0], 1, 1, 1)
-        else:
-            # encode each distinct image once, then draw image i's sample from generator i
-            posteriors = [self._vae_call(self.vae.encode, images[k:k + 1], "encode") for k in range(len(images))]
-            z = torch.cat([posteriors[i % len(posteriors)].sample(g) for i, g in enumerate(generators)])
-        if not torch.isfinite(z).all():
-            raise NonFiniteOutputError("the VAE encoder gave NaN/inf even in float32: check the checkpoint")
-        return self.latent_scale * z.float()  # z = latent_scale · E(x): unit variance for the diffusion process
+        """images [K, 3, H, W] in [−1, 1] (K = 1 or `batch`) → scaled latents latent_scale · E(x) [batch, 4, h, w]
+        (one posterior draw per image, from its generator: latents.encode_images)."""
+        return encode_images(self.vae, images, generators, batch, self.latent_scale, self.device)
 
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, 4, h, w] → images [B, 3, 8h, 8w] in [−1, 1] (not clamped), float32."""
-        x = self._vae_call(self.vae.decode, latents / self.latent_scale, "decode")  # undo the scale: z / latent_scale
-        if not torch.isfinite(x).all():
-            raise NonFiniteOutputError("the VAE decoder gave NaN/inf even in float32: the latents are broken "
-                                       f"(max |z| = {latents.abs().max().item():.3g}); check the checkpoint")
-        return x.float()
+        return decode_latents(self.vae, latents, self.latent_scale, self.device)
 
     @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
     def _vae_call(self, run, x: torch.Tensor, what: str):
-        """run(x) with x cast to the VAE's device and dtype. If a half-precision result is non-finite (activations
-        beyond float16's 65,504 become inf: the "black image"), warn and run it again with the VAE temporarily in
-        float32. The round trip half → float32 → half is exact, so the weights are unchanged afterwards."""
-        dtype = self.vae_dtype
-        out = run(x.to(self.device, dtype))
-        parts = [out] if isinstance(out, torch.Tensor) else [out.mean, out.std]  # an image, or a posterior
-        if dtype not in HALF_DTYPES or all(torch.isfinite(part).all() for part in parts):
-            return out
-        warnings.warn(f"the VAE {what} overflowed in {dtype}; redoing it in float32", stacklevel=3)
-        self.vae.float()
-        try:
-            return run(x.to(self.device, torch.float32))
-        finally:
-            self.vae.to(dtype)
+        """run(x) on the VAE, redone in float32 if half precision overflowed (latents.vae_call)."""
+        return vae_call(self.vae, run, x, what, self.device)
 
     # -- the shared sampling loop ------------------------------------------------------------------------------------
     def _eps_model(self, context, guidance_scale: float, extra: torch.Tensor | None = None, unet=None,
@@ -198,13 +168,13 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
     @torch.inference_mode()
     def _run(self, *, encode, steps, guidance_scale, sampler, generators, noise, x0=None, strength=1.0,
              after_step=None, extra=None, output_type, callback, progress, controls=(), guess_mode=False,
-             guidance_rescale=0.0):
+             guidance_rescale=0.0, fast=(None, 0, None)):
         """Encode the prompts (encode() → StepContexts), run the sampler, check and decode. Returns what
         output_type asks for. The contexts advance from the sampler's per-step hook: editing switches on time."""
+        unet, callback = fast_unet(self.unet, *fast, callback=callback)   # DeepCache / ToMe (fast/), if asked
         contexts = encode()
-        unet = None
         if controls:   # ControlNets add their residuals in the UNet call; their window counts the steps that run
-            unet = ControlledUNet(self.unet, controls, guess_mode=guess_mode, guided=self.uses_cfg(guidance_scale),
+            unet = ControlledUNet(unet, controls, guess_mode=guess_mode, guided=self.uses_cfg(guidance_scale),
                                   n_steps=steps - steps_to_run(steps, strength, img2img=x0 is not None))
             callback = unet.counting(callback)
 
@@ -273,7 +243,8 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
                 output_type: str = "pil", callback=None, progress: bool = True, clip_skip: int | None = None,
                 prompt_syntax: str = "a1111", prompt_embeds=None, negative_prompt_embeds=None,
                 controlnet=None, control_image=None, controlnet_scale=1.0, guess_mode: bool = False,
-                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0):
+                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0,
+                deepcache_interval: int | None = None, deepcache_branch: int = 0, tome_ratio: float | None = None):
         """Text → images. prompt: a string or a list (batch); num_images per prompt.
 
         Returns, for B = len(prompts) · num_images: "pil" a list of B PIL images; "np" float32 [B, H, W, 3] in
@@ -286,6 +257,7 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
         resized to the output size; controlnet_scale / control_start / control_end: a number or one per net;
         guess_mode: the ControlNets see only the conditional half of the CFG batch (control.py).
         guidance_rescale: φ of Lin et al. 2023 §3.4 (0 = off; 0.7 for zero-terminal-SNR models, diffusion.py).
+        deepcache_interval (N), deepcache_branch: DeepCache (fast/deepcache.py); tome_ratio: ToMe (fast/tome.py).
         """
         self._refuse_inpainting_model("txt2img")
         batch, sampler, encode = self._prepare(prompt, negative_prompt, num_images, steps, sampler, output_type,
@@ -301,7 +273,7 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
         noise = starting_noise(latents, (batch, self.config.latent_channels, h, w), generators, self.device)
         return self._run(encode=encode, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                          generators=generators, noise=noise, output_type=output_type, callback=callback,
-                         progress=progress, **control)
+                         progress=progress, **control, fast=(deepcache_interval, deepcache_branch, tome_ratio))
 
     def img2img(self, prompt=None, init_image=None, negative_prompt=None, *, strength: float = 0.75,
                 num_images: int = 1, steps: int = 30, guidance_scale: float = 7.5, sampler="dpmpp_2m",
@@ -309,7 +281,8 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
                 height: int | None = None, width: int | None = None, output_type: str = "pil", callback=None,
                 progress: bool = True, clip_skip: int | None = None, prompt_syntax: str = "a1111", prompt_embeds=None,
                 negative_prompt_embeds=None, controlnet=None, control_image=None, controlnet_scale=1.0, guess_mode: bool = False,
-                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0):
+                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0,
+                deepcache_interval: int | None = None, deepcache_branch: int = 0, tome_ratio: float | None = None):
         """Image + text → images. Runs the last int(steps × strength) steps starting from the init image's latents
         noised to that level: strength 1 keeps nothing but the rough layout, small strengths change little.
 
@@ -334,7 +307,8 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
         noise = starting_noise(latents, x0.shape, generators, self.device)      # then ε
         return self._run(encode=encode, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                          generators=generators, noise=noise, x0=x0, strength=strength, output_type=output_type,
-                         callback=callback, progress=progress, **control)
+                         callback=callback, progress=progress, **control,
+                         fast=(deepcache_interval, deepcache_branch, tome_ratio))
 
     def inpaint(self, prompt=None, image=None, mask_image=None, negative_prompt=None, *, strength: float = 1.0,
                 num_images: int = 1, steps: int = 30, guidance_scale: float = 7.5, sampler="dpmpp_2m",
@@ -342,7 +316,8 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
                 height: int | None = None, width: int | None = None, output_type: str = "pil", callback=None,
                 progress: bool = True, clip_skip: int | None = None, prompt_syntax: str = "a1111",
                 prompt_embeds=None, negative_prompt_embeds=None, controlnet=None, control_image=None, controlnet_scale=1.0, guess_mode: bool = False,
-                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0):
+                control_start=0.0, control_end=1.0, guidance_rescale: float = 0.0,
+                deepcache_interval: int | None = None, deepcache_branch: int = 0, tome_ratio: float | None = None):
         """Repaint the white part of `mask_image` (black is kept). A 9-channel checkpoint conditions on the mask and
         the masked image; a regular one is steered by mask blending (see the module docstring).
 
@@ -386,7 +361,7 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
         return self._run(encode=encode, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                          generators=generators, noise=noise, x0=x0 if strength < 1.0 else None, strength=strength,
                          after_step=blend, extra=extra, output_type=output_type, callback=callback,
-                         progress=progress, **control)
+                         progress=progress, **control, fast=(deepcache_interval, deepcache_branch, tome_ratio))
 
 
 def load_pipeline(path=None, **options) -> StableDiffusion:

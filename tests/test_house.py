@@ -25,7 +25,7 @@ LAYERS = [
     ("configs", {"configs"}),
     ("files and speed", {"checkpoint", "fast", "seeds", "arguments", "lora", "merging", "parameters",
                          "textual_inversion"}),
-    ("pipeline", {"pipeline", "loader", "guidance", "editing", "control", "conditioning", "instruct"}),
+    ("pipeline", {"pipeline", "latents", "loader", "guidance", "editing", "control", "conditioning", "instruct"}),
     ("training", {"train", "training"}),
     ("command line", {"cli", "__main__", "__init__"}),
 ]
