@@ -95,6 +95,12 @@ def main() -> int:
         "dreambooth+pp": dict(method="dreambooth", train_text_encoder=True, lr=3e-4, num_class_images=class_images,
                               class_prompt=" | ".join(caption(*c) for c in all_combinations())),
         "dreambooth": dict(method="dreambooth", train_text_encoder=True, lr=3e-4),
+        # second round (after run 1 forgot the old vocabulary: docs/finetune_demo_run1.json): the text encoder
+        # frozen, so the old words keep their embeddings; smaller updates to the UNet
+        "lora-unet": dict(method="lora", lora_targets="attention", lora_text_encoder=False, lora_rank=4, lr=1e-3),
+        "dreambooth+pp-unet": dict(method="dreambooth", train_text_encoder=False, lr=1e-4,
+                                   num_class_images=class_images,
+                                   class_prompt=" | ".join(caption(*c) for c in all_combinations())),
     }
     for name in args.methods.split(","):
         cfg = FinetuneConfig(data=str(out / "data"), out_dir=str(out / name), steps=steps, batch=8, force=True,
@@ -102,7 +108,7 @@ def main() -> int:
         start = time.time()
         result = finetune(cfg, resume=False)
         seconds = time.time() - start
-        if name == "lora":                    # graded as a user gets it: the file, loaded by the pipeline
+        if name.startswith("lora"):           # graded as a user gets it: the file, loaded by the pipeline
             pipe = load_pipeline(fast=False)
             pipe.load_lora(result["output"])
         else:
