@@ -219,17 +219,15 @@ def draw(results):
         ax.axhline(10, color="k", lw=0.8, ls=":")
         ax.set_title(f"{background}: mean |border pixel − target| (0–255)")
         ax.tick_params(axis="x", rotation=30)
-    plt.show()
     samples = plt.imread(ROOT / "docs" / "zero_snr_samples.png")
     plt.figure(figsize=(11, 1.1 * len(results)))
     plt.imshow(samples)
     plt.yticks([(i + 0.5) * samples.shape[0] / len(results) for i in range(len(results))], labels)
     plt.xticks([]); plt.title("a circle of every colour: 6 on pure black, then 5 on pure white (seed 0)")
-    plt.show()
 
 
 if results:
     draw(results)
 else:
-    print("No arm has run yet: python3 scripts/zero_snr_experiment.py --lock /tmp/heavy.lock, then rebuild this "
-          "notebook (python3 scripts/notebooks.py build 13)")
+    print("No arm has run yet: python3 scripts/zero_snr_experiment.py, then rebuild this notebook "
+          "(python3 scripts/notebooks.py build 13)")

@@ -243,7 +243,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-NOT_RUN = "No arm has run yet: `python3 scripts/zero_snr_experiment.py --lock /tmp/heavy.lock` (a few minutes per arm on a quiet 2-core machine)."
+NOT_RUN = "No arm has run yet: `python3 scripts/zero_snr_experiment.py` (a few minutes per arm on a quiet 2-core machine)."
 
 
 def write_docs(out: Path) -> None:

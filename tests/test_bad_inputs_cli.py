@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import ldm_scratch.pipeline
+import ldm_scratch.loader
 from ldm_scratch.cli import main, save_pngs
 
 from pipeline_fixtures import sample_image
@@ -20,7 +20,7 @@ def no_loading(monkeypatch):
     """Every case here must be refused before the model is loaded: loading fails the test."""
     def load_pipeline(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was found")
-    monkeypatch.setattr(ldm_scratch.pipeline, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(ldm_scratch.loader, "load_pipeline", load_pipeline)
 
 
 def _cuda(monkeypatch, available: bool, count: int = 0):
@@ -87,7 +87,7 @@ def test_an_existing_folder_among_numbered_names_is_skipped_even_with_force(tmp_
 def test_ctrl_c_while_loading_is_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
     def load_pipeline(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(ldm_scratch.pipeline, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(ldm_scratch.loader, "load_pipeline", load_pipeline)
     assert main(["generate", "a fox", "--out", str(tmp_path / "fox.png")]) == 130
     captured = capsys.readouterr()
     assert captured.err == "interrupted (Ctrl-C)\n" and captured.out == ""
