@@ -31,6 +31,7 @@ import torch
 
 from .control_images import control_tensor
 from .controlnet import ControlNet
+from .samplers.base import StepCounter
 
 
 
@@ -103,7 +104,7 @@ def _check_fits(net: ControlNet, unet_config, k: int) -> None:
                          f"{ours}. Use a ControlNet trained for this base model (SD v1 ControlNets for SD v1).")
 
 
-class ControlledUNet:
+class ControlledUNet(StepCounter):
     """unet(x, t, context) with the ControlNets' residuals added: the callable the pipeline gives its samplers.
 
     n_steps: the steps that run (the window is measured in them); guided: context is [uncond; cond] (CFG).
@@ -114,14 +115,6 @@ class ControlledUNet:
         self.unet, self.controls = unet, list(controls)
         self.guess_mode, self.guided, self.n_steps = guess_mode, guided, n_steps
         self.step = 0
-
-    def counting(self, callback=None):
-        """A sampler callback that advances `step` after each step, then calls `callback` (if any)."""
-        def step_done(i, t, x0_pred):
-            self.step += 1
-            if callback is not None:
-                callback(i, t, x0_pred)
-        return step_done
 
     def __call__(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         total = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..samplers.base import StepCounter
 from ..unet import UNet, timestep_embedding
 from .tome import TokenMergedUNet
 
@@ -53,7 +54,7 @@ def branch_count(unet: UNet) -> int:
     return len(c.channel_mult) * (c.num_res_blocks + 1)
 
 
-class DeepCachedUNet:
+class DeepCachedUNet(StepCounter):
     """unet(x, t, context) that runs in full every `interval` steps and only the shallow `branch` in between.
 
     `step` counts finished sampler steps; wrap the sampler's callback with `counting` so it advances (the pipeline
@@ -76,14 +77,6 @@ class DeepCachedUNet:
         self.step, self.full_steps = 0, 0
         self.cache: torch.Tensor | None = None
         self._cache_key = None
-
-    def counting(self, callback=None):
-        """A sampler callback that advances `step` after each step, then calls `callback` (if any)."""
-        def step_done(i, t, x0_pred):
-            self.step += 1
-            if callback is not None:
-                callback(i, t, x0_pred)
-        return step_done
 
     def is_full_step(self) -> bool:
         """The package's uniform rule: full on steps 0, N, 2N, … (counted from the first step that runs)."""

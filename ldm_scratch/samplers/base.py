@@ -163,6 +163,21 @@ def steps_to_run(steps: int, strength: float, img2img: bool) -> int:
     return steps - n_run
 
 
+class StepCounter:
+    """Something that must know which step of the run it is in (a ControlNet's window, DeepCache's schedule):
+    `step` counts the sampler's finished steps; wrap the sampler's per-step callback with `counting` to advance it.
+    A step counts once however many model calls the sampler makes in it."""
+    step = 0
+
+    def counting(self, callback=None):
+        """A sampler callback that advances `step` after each step, then calls `callback` (if any)."""
+        def step_done(i, t, x0_pred):
+            self.step += 1
+            if callback is not None:
+                callback(i, t, x0_pred)
+        return step_done
+
+
 def draw_noise(like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
     """One N(0, I) draw shaped like `like`, on the generator's device, then moved (see module docstring).
     A list of generators (one per batch row) draws row i from generator i, as diffusers' `randn_tensor`."""
