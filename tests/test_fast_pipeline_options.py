@@ -1,22 +1,14 @@
 """The pipeline options `deepcache_interval=`, `deepcache_branch=` and `tome_ratio=` (txt2img, img2img, inpaint):
 each must be exactly the wrapper path that tests/test_deepcache.py and tests/test_tome.py check against the
 packages (the same code on the same dtype, so bit-exact), and bad values are refused before any work.
-
-Needs the pipeline patch /tmp/brief/h11_pipeline.patch (fast_unet in StableDiffusion._run).
 """
-import inspect
 
 import pytest
 import torch
 
 from ldm_scratch.fast.deepcache import DeepCachedUNet, fast_unet
 from ldm_scratch.fast.tome import TokenMergedUNet
-from ldm_scratch.pipeline import StableDiffusion
 from pipeline_fixtures import sample_image, sample_mask, tiny_pipeline, write_tiny_checkpoint, write_vocabulary
-
-if "deepcache_interval" not in inspect.signature(StableDiffusion.txt2img).parameters:   # (LDM_REQUIRE_PARITY=1: fails)
-    pytest.skip("the pipeline has no deepcache_interval / tome_ratio options yet: apply "
-                "/tmp/brief/h11_pipeline.patch", allow_module_level=True)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ARGS = dict(prompt="a red circle", negative_prompt="blurry", guidance_scale=7.5, steps=5, sampler="ddim",
