@@ -107,8 +107,8 @@ print(f"{history['steps_done']} steps, {history['seconds'] / 60:.1f} min wall, {
 
 # %% [markdown]
 # In the run bundled with the package, the outputs stay near 0 for ~400 steps, then the deep zero convolutions
-# (the last skips and the middle block, at 8² and 4²) rise steeply between steps ~450 and ~800 while the shallow ones
-# (at 16²) stay small: the layout is carried by the coarse levels. The loss falls from ≈ 0.027 to ≈ 0.021.
+# (the last skips and the middle block, at 8² and 4²) rise steeply between steps ~500 and ~800 while the shallow ones
+# (at 16²) stay small: the layout is carried by the coarse levels. The loss falls from ≈ 0.026 to ≈ 0.022.
 #
 # ## With and without control, and `controlnet_scale`
 #
