@@ -173,18 +173,10 @@ def test_controlnet_for_another_unet_is_refused(setup):
 def test_full_size_controlnet_txt2img_matches_diffusers(tmp_path):
     pytest.importorskip("diffusers", reason="needs the [reference] extra")
     from safetensors.torch import save_file
-    from synthetic_checkpoint import synthetic_state
-    from test_pipeline_parity import diffusers_components
+    from test_pipeline_parity import full_size_pair
     from ldm_scratch import load_controlnet
-    from ldm_scratch.pipeline import load_pipeline
 
-    state = synthetic_state(seed=0)
-    path = tmp_path / "full.safetensors"
-    save_file(state, str(path))
-    vocabulary = write_vocabulary(tmp_path / "tokenizer")
-    ours = load_pipeline(path, tokenizer=vocabulary)
-    components = diffusers_components(state, ours.config, vocabulary)
-    del state
+    ours, components, vocabulary = full_size_pair(tmp_path)
     net = random_controlnet(ours.config.unet, seed=1)           # SD v1's sizes: 8 heads, 32 groups, 3 stages
     tensors = official_state(net, tmp_path)
     del net

@@ -13,7 +13,7 @@ from ldm_scratch import lora
 from ldm_scratch.checkpoint.lora_keys import lora_targets
 from pipeline_fixtures import tiny_pipeline, write_tiny_checkpoint, write_vocabulary
 from test_lora import LAYERS, kohya_state, old_processor_spelling, to_peft
-from test_pipeline_parity import SIZE, compare, diffusers_components, diffusers_pipeline, noise
+from test_pipeline_parity import SIZE, compare, diffusers_components, diffusers_pipeline, full_size_pair, noise
 
 pytestmark = pytest.mark.parity
 
@@ -120,16 +120,7 @@ def test_two_loras_at_once_match_diffusers_adapters(models, plain_image, tmp_pat
 
 @pytest.mark.slow
 def test_full_size_kohya_lora_matches_diffusers(tmp_path):
-    from synthetic_checkpoint import synthetic_state
-    from ldm_scratch.pipeline import load_pipeline
-
-    state = synthetic_state(seed=0)
-    path = tmp_path / "full.safetensors"
-    save_file(state, str(path))
-    vocabulary = write_vocabulary(tmp_path / "tokenizer")
-    ours = load_pipeline(path, tokenizer=vocabulary)
-    components = diffusers_components(state, ours.config, vocabulary)
-    del state
+    ours, components, vocabulary = full_size_pair(tmp_path)
     # LAYERS names tiny-model layers that exist at full size too: attention, MLP, 1×1 and 3×3 convs,
     # time_emb_proj, down/upsample, text encoder attention and MLP (UNet and text encoder)
     lora_path = tmp_path / "locon.safetensors"

@@ -205,19 +205,24 @@ def test_inpaint_matches_diffusers(models, in_channels, sampler, strength):
 # full size (slow): SD v1's real shapes with random weights, 2 steps at 256²
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_full_size_txt2img_matches_diffusers(tmp_path):
+def full_size_pair(folder):
+    """SD v1's real shapes with random weights in the official layout, written to `folder`: (ours, diffusers'
+    components converted from the same tensors, the vocabulary). Shared by every full-size parity test."""
     from safetensors.torch import save_file
     from synthetic_checkpoint import synthetic_state
     from ldm_scratch.pipeline import load_pipeline
 
     state = synthetic_state(seed=0)
-    path = tmp_path / "full.safetensors"
+    path = folder / "full.safetensors"
     save_file(state, str(path))
-    vocabulary = write_vocabulary(tmp_path / "tokenizer")
+    vocabulary = write_vocabulary(folder / "tokenizer")
     ours = load_pipeline(path, tokenizer=vocabulary)
-    components = diffusers_components(state, ours.config, vocabulary)
-    del state
+    return ours, diffusers_components(state, ours.config, vocabulary), vocabulary
+
+
+@pytest.mark.slow
+def test_full_size_txt2img_matches_diffusers(tmp_path):
+    ours, components, _ = full_size_pair(tmp_path)
     eps = noise(1, 256, 256, seed=5)
     args = dict(prompt="a watercolor fox", negative_prompt="blurry", guidance_scale=7.5, height=256, width=256)
     start = time.perf_counter()
