@@ -10,7 +10,10 @@ transformers (`CLIPTextModel`). Speed rows run in ONE process, interleaved (ours
 `--warmup` untimed calls each, under torch.inference_mode with the same thread count, and report medians:
 
     unet     one UNet step with classifier-free guidance: x [2, 4, 64, 64], t [2], context [2, 77, 768]
-    vae      VAE decode of a 512² image: z [1, 4, 64, 64] → [1, 3, 512, 512]
+    vae      VAE decode of a 512² image: z [1, 4, 64, 64] → [1, 3, 512, 512], a direct `pipe.vae.decode(z)`
+    vae_pipeline  the same decode the way each pipeline does it after sampling: ours `latents.decode_latents`
+             (÷ latent scale, dtype/finiteness checks), diffusers `vae.decode(z / scaling_factor)`; with the vae
+             row it shows whether a direct `pipe.vae.decode` is as fast as the pipeline's decode
     text     CLIP text encoder on ids [2, 77]
     txt2img  a whole 512² txt2img (tokenize, encode, `--steps` DDIM steps with CFG, decode); diffusers'
              StableDiffusionPipeline built from the same components (safety_checker=None)
@@ -29,6 +32,10 @@ transformers (`CLIPTextModel`). Speed rows run in ONE process, interleaved (ours
              from_single_file path) and loading the same weights saved in its own folder layout (from_pretrained,
              written once beside the file). Runs `--memory-repeats` times, alternating. (diffusers' folder
              load memory-maps its files, so its "load time" defers reading the weights to their first use.)
+
+A busy machine: `--busy N` keeps N other processes spinning on the CPU (a pure-Python loop each, started before
+the models load and stopped at the end) while everything is timed, as a browser or a compile would; the
+interleaving still gives both libraries the same conditions.
 
 Also reports the UNet step's FLOPs (counted once with torch.utils.flop_counter on the meta device), the achieved
 GFLOP/s of each library, and the machine's matmul peak (best time of a large matmul in the benchmark's dtype).
@@ -59,7 +66,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 DEFAULT_FILE = Path(tempfile.gettempdir()) / "ldm_scratch_synthetic_fp32.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ROWS = ("unet", "vae", "text", "txt2img", "memory", "taesd", "lcm", "lcm_taesd", "deepcache", "tome")
+ROWS = ("unet", "vae", "vae_pipeline", "text", "txt2img", "memory", "taesd", "lcm", "lcm_taesd", "deepcache", "tome")
 DEEPCACHE_INTERVAL, TOME_RATIO = 3, 0.5
 LCM_STEPS = 4
 PROMPT, NEGATIVE = "a watercolor painting of a fox in the snow", "blurry"
@@ -258,6 +265,7 @@ def workloads(ours, theirs, data: dict, steps: int, rows=(), dtype=torch.float32
               channels_last=(True, False)) -> dict[str, tuple]:
     """row → (ours(), theirs()): the same computation in each library. The TAESD / LCM rows are built only when
     asked for (`rows`)."""
+    from ldm_scratch.latents import decode_latents
     x, t, context, z, ids = (data[k] for k in ("x", "t", "context", "z", "ids"))
     extra = {}
     if {"taesd", "lcm_taesd"} & set(rows):
@@ -274,6 +282,8 @@ def workloads(ours, theirs, data: dict, steps: int, rows=(), dtype=torch.float32
                  lambda: theirs.unet(x, t, encoder_hidden_states=context).sample),
         "vae": (lambda: ours.vae.decode(z),
                 lambda: theirs.vae.decode(z).sample),
+        "vae_pipeline": (lambda: decode_latents(ours.vae, z, ours.config.latent_scale, ours.device),
+                         lambda: theirs.vae.decode(z / theirs.vae.config.scaling_factor).sample),
         "text": (lambda: ours.text_encoder(ids),
                  lambda: theirs.text_encoder(ids).last_hidden_state),
         "txt2img": (lambda: ours.txt2img(PROMPT, NEGATIVE, steps=steps, sampler="ddim", seed=0, output_type="np",
@@ -428,6 +438,8 @@ def parse_args(argv=None):
     p.add_argument("--no-channels-last", action="store_true", help="run ours in PyTorch's default layout")
     p.add_argument("--diffusers-channels-last", action="store_true", help="run diffusers' UNet/VAE channels_last")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="keep N competing CPU-bound processes running while timing (a busy machine)")
     p.add_argument("--memory-child", choices=["ours", "diffusers", "diffusers-folder"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.only = [r.strip() for r in args.only.split(",") if r.strip()]
@@ -439,8 +451,22 @@ def parse_args(argv=None):
     return args
 
 
+def competing_processes(n: int) -> list[subprocess.Popen]:
+    """n processes that each keep one core busy with a pure-Python loop (no memory traffic to speak of)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    busy = [] if args.memory_child else competing_processes(args.busy)
+    try:
+        run_benchmark(args)
+    finally:
+        for process in busy:
+            process.kill()
+
+
+def run_benchmark(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -458,7 +484,8 @@ def main(argv=None) -> None:
                            if k != "memory_child"},
               "rows": {}}
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.device}, {args.dtype}, load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{args.device}, {args.dtype}, {args.busy} competing processes, load average {os.getloadavg()[0]:.1f}",
+          flush=True)
 
     speed_rows = [r for r in args.only if r != "memory"]
     if speed_rows:
@@ -499,7 +526,8 @@ def main(argv=None) -> None:
 
 
 def print_table(report: dict, args) -> None:
-    labels = {"unet": "UNet step, CFG [2,4,64,64]", "vae": "VAE decode 512²", "text": "text encode [2,77]",
+    labels = {"unet": "UNet step, CFG [2,4,64,64]", "vae": "VAE decode 512²",
+              "vae_pipeline": "VAE decode 512², the pipeline's way", "text": "text encode [2,77]",
               "txt2img": f"txt2img 512², {args.steps} DDIM steps", "taesd": "TAESD decode 512²",
               "lcm": f"txt2img 512², LCM {LCM_STEPS} steps, no CFG", "lcm_taesd": f"… LCM {LCM_STEPS} steps + TAESD",
               "deepcache": f"… {args.steps} steps + DeepCache N={DEEPCACHE_INTERVAL}",
@@ -508,6 +536,9 @@ def print_table(report: dict, args) -> None:
     for row, r in report["rows"].items():
         print(f"{labels[row]:42} {r['ours_s']:9.3f}s {r['diffusers_s']:9.3f}s {r['ours_s'] / r['diffusers_s']:14.3f}×")
     rows = report["rows"]
+    if "vae_pipeline" in rows and "vae" in rows:
+        print(f"{'direct vae.decode / pipeline decode, ours':42} "
+              f"{rows['vae']['ours_s'] / rows['vae_pipeline']['ours_s']:20.3f}×")
     if "taesd" in rows and "vae" in rows:
         print(f"{'TAESD / KL-VAE decode, ours':42} {rows['taesd']['ours_s'] / rows['vae']['ours_s']:20.3f}×")
     for row in ("deepcache", "tome"):

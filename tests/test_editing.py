@@ -116,6 +116,15 @@ def test_edit_touches_only_the_conditional_target_row():
     assert edit(None, "cross", None, None, None, probs) is None and edit(None, "self", None, None, None, probs) is None
 
 
+def test_self_replace_share_picks_the_layers_whose_self_attention_is_copied():
+    probs = torch.rand(4, 2, 16, 16).softmax(-1)                        # a 4×4 layer: 16 queries
+    for share, copied in ((16, False), (4, True), (1, True)):           # 64 / 16 = 4 < 16 ≤ 64 / 4
+        edit = PromptToPromptEdit(steps=10, cross_replace=0.5, self_replace=0.5, alignment=list(range(4)),
+                                  weights=torch.ones(4), latent_size=(8, 8), self_replace_share=share)
+        out = edit(None, "self", None, None, None, probs.clone())
+        assert (out is not None and torch.equal(out[3], probs[2])) is copied, share
+
+
 def test_local_blend_keeps_the_source_outside_the_mask():
     edit = PromptToPromptEdit(steps=10, cross_replace=0.5, self_replace=0.5, alignment=list(range(4)),
                               weights=torch.ones(4), latent_size=(4, 4), blend_positions=([1], [1]))
@@ -139,6 +148,9 @@ def test_local_blend_runs_end_to_end_and_checks_words(pipe):
         editing.prompt_to_prompt(pipe, SOURCE, TARGET, steps=2, local_blend="star")
     with pytest.raises(ValueError, match="cross_replace"):
         editing.prompt_to_prompt(pipe, SOURCE, TARGET, cross_replace=1.5)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="self_replace_share"):
+            editing.prompt_to_prompt(pipe, SOURCE, TARGET, self_replace_share=bad)
 
 
 # -- inversion ------------------------------------------------------------------------------------------------------

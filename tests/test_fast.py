@@ -58,7 +58,7 @@ def band_spy(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_install_makes_decode_and_encode_use_bands_and_a_plain_vae_never_does(tiny_vae, band_spy):
-    z, x = torch.randn(1, 4, 6, 6), torch.rand(1, 3, 48, 48) * 2 - 1      # 48-row layers: > BAND_ROWS = 16
+    z, x = torch.randn(1, 4, 10, 10), torch.rand(1, 3, 80, 80) * 2 - 1    # 80-row layers: > BAND_ROWS = 64
     with torch.no_grad():
         tiny_vae.decode(z)
         tiny_vae.encode(x)
@@ -261,12 +261,13 @@ PEAK_CHILD = textwrap.dedent("""
 @pytest.mark.slow
 def test_banded_full_size_decode_peaks_lower():
     """The full-size SD v1 decoder at 512² (random weights, channels_last, one thread), in a fresh process each:
-    the peak memory of the decode itself. Measured: banded (`fast.install`) 431–456 MiB (4 runs) — the upsample's
+    the peak memory of the decode itself. Measured: banded (`fast.install`, 64-row bands) 500 MiB — the upsample's
     output [1, 256, 512, 512] and the next ResBlock's conv1 output [1, 128, 512, 512] side by side (384 MiB), plus
-    band-sized temporaries (485–496 MiB before the decoder handed freed memory back to the OS between its blocks);
+    band-sized temporaries (16-row bands: 431–456 MiB over 4 runs; 485–496 MiB before the decoder handed freed
+    memory back to the OS between its blocks);
     plain vae.py 806 MiB (its level loop keeps each level's input alive through the level; 686–710 MiB when the
     plain layers ran in the banded decoder's flat block loop). The bound 590 sits ≈ 100 MiB below the old plain
-    figure and ≈ 135 MiB above banded.
+    figure and ≈ 90 MiB above banded.
     ~30 s per decode, hence slow; Linux only (it reads /proc)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs")

@@ -84,13 +84,14 @@ class PromptToPromptEdit:
     edits the target row in place of its own maps. `step` is set by the loop before each UNet call."""
 
     def __init__(self, steps: int, cross_replace: float, self_replace: float, alignment: list[int],
-                 weights: torch.Tensor, latent_size: tuple[int, int], blend_positions=None):
+                 weights: torch.Tensor, latent_size: tuple[int, int], blend_positions=None,
+                 self_replace_share: int = SELF_REPLACE_SHARE):
         self.cross_steps, self.self_steps = int(cross_replace * steps), int(self_replace * steps)
         self.source_index = torch.tensor([max(a, 0) for a in alignment])           # A(j), −1 → any (masked)
         self.aligned = torch.tensor([a >= 0 for a in alignment], dtype=torch.float32)   # 1 where A(j) exists
         self.weights = weights                                                     # c_j, 1 for most tokens
         self.latent_size = latent_size
-        self.self_max_tokens = latent_size[0] * latent_size[1] // SELF_REPLACE_SHARE
+        self.self_max_tokens = latent_size[0] * latent_size[1] // self_replace_share
         self.blend_positions = blend_positions         # (source positions, target positions) or None
         self.blend_maps: list[torch.Tensor] = []      # this step's word maps [2, h, w], one per cross layer
         self.step = 0
@@ -138,12 +139,15 @@ class PromptToPromptEdit:
 def prompt_to_prompt(pipe, source_prompt: str, target_prompt: str, *, seed: int = 0, steps: int = 50,
                      guidance_scale: float = 7.5, cross_replace: float = 0.8, self_replace: float = 0.4,
                      reweight: dict | None = None, local_blend=None, inversion=None, negative_prompt: str = "",
-                     height: int | None = None, width: int | None = None, output_type: str = "pil"):
+                     height: int | None = None, width: int | None = None, output_type: str = "pil",
+                     self_replace_share: int = SELF_REPLACE_SHARE):
     """Generate `source_prompt` and its edit `target_prompt` from the same noise; returns (source, edited) as
     `output_type` ("pil": two PIL images; "np"/"pt"/"latent": arrays/tensors with a batch of 1 each).
 
     cross_replace, self_replace: fractions of the steps (from the start) in which the target takes the source's
-    cross- / self-attention (module docstring). reweight: {word: c} scales the target's attention to `word`.
+    cross- / self-attention (module docstring); self-attention only at layers with ≤ latent pixels /
+    self_replace_share queries (the authors' 16 keeps the fine layers free; a small model with an 8×8 latent has no
+    such coarse layer, so there 4 or 1). reweight: {word: c} scales the target's attention to `word`.
     local_blend: a word or list of words (in either prompt) whose attention region is the only part that changes.
     inversion: an `editing.Inversion` of a real image: both start from its latents, use its steps, guidance and
     null-text embeddings, and `seed`, `steps`, `guidance_scale` are ignored.
@@ -155,6 +159,8 @@ def prompt_to_prompt(pipe, source_prompt: str, target_prompt: str, *, seed: int 
     for name, share in (("cross_replace", cross_replace), ("self_replace", self_replace)):
         if not 0 <= share <= 1:
             raise ValueError(f"{name} is a fraction of the steps, in [0, 1]; got {share!r}")
+    if isinstance(self_replace_share, bool) or not isinstance(self_replace_share, int) or self_replace_share < 1:
+        raise ValueError(f"self_replace_share is a whole number ≥ 1 (1: every layer); got {self_replace_share!r}")
     if inversion is not None:
         noise, steps, guidance_scale = inversion.latents.to(pipe.device), inversion.steps, inversion.guidance_scale
         uncond = inversion.unconditional(pipe)
@@ -173,7 +179,7 @@ def prompt_to_prompt(pipe, source_prompt: str, target_prompt: str, *, seed: int 
         if not blend[0] and not blend[1]:
             raise ValueError(f"local_blend: none of {local_blend!r} is in either prompt")
     edit = PromptToPromptEdit(steps, cross_replace, self_replace, token_alignment(*ids), weights,
-                              tuple(noise.shape[-2:]), blend)
+                              tuple(noise.shape[-2:]), blend, self_replace_share)
     cond = encode_text(pipe, [source_prompt, target_prompt])
     with hooks(pipe.unet, edit):
         latents = denoise(pipe, noise.expand(2, -1, -1, -1).clone(), cond, uncond, steps, guidance_scale,

@@ -39,9 +39,14 @@ from torch import nn
 from ..vae import Decoder, ResBlock, Upsample
 from .memory import release_freed_memory
 
-BAND_ROWS = 16   # output rows per band: at 512 pixels wide, 16 rows of 128 channels are 4 MiB in float32. Measured
-                 # at 512²: 8 rows cost 6 % more time with 2 threads; 32 rows peaked 50 MiB higher (larger
-                 # temporaries, more freed memory kept by the C allocator); 16 rows is as fast as the plain layers.
+BAND_ROWS = 64   # output rows per band: at 512 pixels wide, 64 rows of 128 channels are 16 MiB in float32. Why 64:
+                 # every band is a few more small operations, and each operation ends with its threads waiting
+                 # for one another. On a quiet machine that costs little (16 rows was as fast as the plain
+                 # layers), but with another process on one of the 2 cores, the thread sharing that core is
+                 # descheduled for milliseconds at a time and every small operation waits for it: decode 512²
+                 # took 33.1 s with 16 rows, 25.2 s with 64, 25.5 s with 128, against diffusers' 25.7 s
+                 # (medians of 2 after a warm-up, interleaved, one competing process; scripts/benchmark.py
+                 # --busy 1). 64 rows is 8 bands at 512², 4 at 256², 2 at 128².
 
 
 def _rows_per_band(x: torch.Tensor) -> int | None:
