@@ -318,3 +318,8 @@ def test_train_controlnet_smoke(tmp_path):
     with pytest.raises(FileExistsError):                                      # never overwrites silently
         from ldm_scratch.training.controlnet import ControlNetTrainConfig, train_controlnet
         train_controlnet(ControlNetTrainConfig(out_dir=str(out), steps=1, n_images=4, batch_size=2))
+    # --init continues from a file: step 0 (same data, same probe) starts from its weights, not the UNet's copy
+    again = tmp_path / "again"
+    assert main(["train-controlnet", "--out", str(again), "--steps", "1", "--n-images", "8", "--batch-size", "4",
+                 "--init", str(out / "controlnet.safetensors")]) == 0
+    assert json.loads((again / "history.json").read_text())["zero_conv_norms"][0] == norms[-1]

@@ -55,6 +55,8 @@ class ControlNetTrainConfig:
     log_every: int = 50
     core_minutes: float = 40.0     # CPU budget: 20 minutes on 2 cores = 40 core-minutes of this process's CPU time
     minutes: float = 28.0          # wall-clock cap (a busy shared machine gives the run less than 2 cores)
+    init: str = ""                 # start from this ControlNet file's weights instead of the UNet's copy (to
+                                   # continue a run; the optimizer starts afresh, with its warm-up)
 
 
 def edge_hints(images: torch.Tensor) -> torch.Tensor:
@@ -112,6 +114,10 @@ def train_controlnet(cfg: ControlNetTrainConfig, *, force: bool = False, say=pri
 
     controlnet = ControlNet.from_unet(pipe.unet, hint_widths=_hint_widths(config.vae.downsample_factor),
                                       downsample_factor=config.vae.downsample_factor).train()
+    if cfg.init:
+        from ..checkpoint.controlnet_file import load_controlnet
+        controlnet.load_state_dict(load_controlnet(cfg.init).state_dict())     # strict: the same architecture
+        say(f"continuing from {cfg.init}")
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=cfg.lr, weight_decay=0.0)
     probe = _probe(pipe, z_mean, hints, contexts, generator)
     history = {"config": asdict(cfg), "loss": [], "norm_steps": [], "zero_conv_norms": []}
