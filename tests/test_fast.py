@@ -57,7 +57,8 @@ def band_spy(monkeypatch):
 # install
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_install_makes_decode_and_encode_use_bands_and_a_plain_vae_never_does(tiny_vae, band_spy):
+def test_install_makes_decode_and_encode_use_bands_and_a_plain_vae_never_does(tiny_vae, band_spy, monkeypatch):
+    monkeypatch.setattr(vae_bands, "BANDED_FROM_ROWS", 80)                # (512 at full size: too big for a test)
     z, x = torch.randn(1, 4, 10, 10), torch.rand(1, 3, 80, 80) * 2 - 1    # 80-row layers: > BAND_ROWS = 64
     with torch.no_grad():
         tiny_vae.decode(z)
@@ -74,10 +75,11 @@ def test_install_makes_decode_and_encode_use_bands_and_a_plain_vae_never_does(ti
     assert type(quick.decoder) is vae_bands.BandedDecoder
 
 
-def test_fast_and_plain_agree_to_rounding(tiny_vae):
+def test_fast_and_plain_agree_to_rounding(tiny_vae, monkeypatch):
     """What `load_pipeline` gives against the network as built: install's channels_last convolutions accumulate in
     another order, and the bands sum GroupNorm's statistics in another order (float64 sums of float32 bands), so
     the outputs differ by rounding only."""
+    monkeypatch.setattr(vae_bands, "BANDED_FROM_ROWS", 128)   # the 128- and 192-row layers band, as 512 ones do
     quick = installed(tiny_vae)
     g = torch.Generator().manual_seed(0)
     z, x = torch.randn(2, 4, 24, 16, generator=g), torch.rand(1, 3, 128, 96, generator=g) * 2 - 1
@@ -192,6 +194,7 @@ def test_banded_vae_equals_the_plain_vae(tiny_vae, monkeypatch, channels_last):
     """The whole decoder and encoder with row bands of 3 rows (every layer above 3 rows runs banded, odd sizes
     leave a short last band) against the plain layers in the same memory layout, in float32 and float64."""
     monkeypatch.setattr(vae_bands, "BAND_ROWS", 3)
+    monkeypatch.setattr(vae_bands, "BANDED_FROM_ROWS", 0)
     g = torch.Generator().manual_seed(0)
     z, x = torch.randn(2, 4, 7, 5, generator=g), torch.rand(1, 3, 40, 24, generator=g) * 2 - 1
     if channels_last:
@@ -214,6 +217,7 @@ def test_banded_vae_equals_the_plain_vae(tiny_vae, monkeypatch, channels_last):
 def test_bands_are_for_inference_only(tiny_vae, monkeypatch, band_spy):
     """With autograd on (training), the installed VAE runs the plain layers: the same output and gradients."""
     monkeypatch.setattr(vae_bands, "BAND_ROWS", 3)
+    monkeypatch.setattr(vae_bands, "BANDED_FROM_ROWS", 0)
     banded_vae = vae_bands.use_row_bands(copy.deepcopy(tiny_vae))
     gradients = []
     for model in (tiny_vae, banded_vae):
@@ -227,6 +231,7 @@ def test_decoder_returns_freed_memory_before_each_banded_block(tiny_vae, monkeyp
     """At inference the banded decoder hands freed memory back to the OS before each block that runs in bands (the
     blocks after the mid block: 3 levels × (3 ResBlocks + upsample) + 3 ResBlocks here), and not while training."""
     monkeypatch.setattr(vae_bands, "BAND_ROWS", 3)
+    monkeypatch.setattr(vae_bands, "BANDED_FROM_ROWS", 0)
     calls = []
     monkeypatch.setattr(vae_bands, "release_freed_memory", lambda: calls.append(1))
     banded_vae = vae_bands.use_row_bands(tiny_vae)

@@ -49,9 +49,18 @@ BAND_ROWS = 64   # output rows per band: at 512 pixels wide, 64 rows of 128 chan
                  # --busy 1). 64 rows is 8 bands at 512², 4 at 256², 2 at 128².
 
 
-def _rows_per_band(x: torch.Tensor) -> int | None:
-    """BAND_ROWS when a layer on x [B, C, H, W] should run in row bands (no autograd, more than one band); else None."""
-    return None if torch.is_grad_enabled() or x.shape[-2] <= BAND_ROWS else BAND_ROWS
+BANDED_FROM_ROWS = 512   # only layers whose OUTPUT is at least this tall run in bands: at 512² the decoder's
+                         # last level and the upsample into it (where the 128–256 MiB tensors are). The levels
+                         # below hold a quarter of that or less, and banding them too cost time on a busy machine
+                         # for no memory: the decode's peak is at the last level either way.
+
+
+def _rows_per_band(x: torch.Tensor, out_rows: int | None = None) -> int | None:
+    """BAND_ROWS when a layer on x [B, C, H, W] whose output has out_rows rows (default H) should run in row bands
+    (no autograd, an output ≥ BANDED_FROM_ROWS rows tall and more than one band); else None."""
+    out_rows = x.shape[-2] if out_rows is None else out_rows
+    banded = not torch.is_grad_enabled() and out_rows >= BANDED_FROM_ROWS and x.shape[-2] > BAND_ROWS
+    return BAND_ROWS if banded else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,7 +86,7 @@ class BandedUpsample(Upsample):
     only a band of it at a time."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows_per_band(x)
+        rows = _rows_per_band(x, 2 * x.shape[-2])
         if rows is None:
             return super().forward(x)
         batch, channels, height, width = x.shape
@@ -96,7 +105,7 @@ class BandedDecoder(Decoder):
         # h → 2h → 4h → 8h, as one flat loop over the blocks: a loop `h = level(h)` would keep each level's input
         # alive until the whole level had run (at 512², the last upsample's 256 MiB output beside everything after it)
         for block in [block for level in reversed(self.levels) for block in _blocks(level)]:
-            if _rows_per_band(h) is not None:
+            if _rows_per_band(h, 2 * h.shape[-2] if isinstance(block, Upsample) else None) is not None:
                 release_freed_memory()  # the previous blocks' freed bands, before this block's allocations
             h = block(h)
         rows = _rows_per_band(h)
