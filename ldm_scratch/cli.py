@@ -201,6 +201,8 @@ def cmd_generate(args) -> int:
         raise ValueError("give a prompt, or --from-png IMAGE to take the prompt and settings from a PNG")
     get_sampler(args.sampler)                         # an unknown name fails before the model is loaded
     check_numbers(args)
+    if args.command == "upscale":
+        _check_upscale_options(args)
     control = control_options(args)                   # --controlnet …: loaded and preprocessed before the model
     out = check_output(Path(args.out))
     seed = args.seed if args.seed is not None else random.randrange(2**32)
@@ -232,6 +234,9 @@ def cmd_generate(args) -> int:
             images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, **common)
         elif args.command == "instruct":                  # InstructPix2Pix: the prompt is the instruction
             images = pipe.instruct(args.image, args.prompt, image_guidance_scale=args.image_guidance, **common)
+        elif args.command == "upscale":                   # SD 2 ×4 upscaler: the size is 4× the image's
+            del common["height"], common["width"]
+            images = pipe.upscale(args.prompt, args.image, noise_level=args.noise_level, **common)
         else:
             images = pipe.txt2img(args.prompt, **common)
     except NonFiniteOutputError as error:
@@ -251,6 +256,14 @@ def cmd_generate(args) -> int:
     for k, path in enumerate(paths):
         print(f"wrote {path}" + (f"  (seed {seed + k})" if k < args.n else "  (grid)"))
     return 0
+
+
+def _check_upscale_options(args) -> None:
+    """upscale: the noise level as pipe.upscale checks it, and no size (it is 4× the image's), before loading."""
+    from .upscale import check_noise_level
+    check_noise_level(args.noise_level)
+    if args.height is not None or args.width is not None:
+        raise ValueError("upscale takes no --height/--width: the output is 4× the --image's size")
 
 
 def _add_generation_options(p: argparse.ArgumentParser, default_strength: float | None = None) -> None:
@@ -334,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="the image to edit")
     p.add_argument("--image-guidance", type=float, default=1.5, help="image guidance scale s_I (1 = none; higher "
                    "keeps closer to the image)")
+    p = commands.add_parser("upscale", help="draw an image 4× larger (the SD 2 ×4 upscaler checkpoint)")
+    _add_generation_options(p)
+    p.add_argument("--image", required=True, help="the low-resolution image; the output is 4× its size")
+    p.add_argument("--noise-level", type=int, default=20, help="noise added to the image first, 0–350 (default 20; "
+                   "more noise: more invented detail, less of the image kept)")
+    p.set_defaults(guidance=9.0, sampler="ddim")      # diffusers' defaults for this model
     from .training.command import add_train_arguments, cmd_train
     p = commands.add_parser("train", help="train the tiny model from scratch (ldm_scratch/train.py)")
     add_train_arguments(p)

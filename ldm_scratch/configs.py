@@ -23,7 +23,7 @@ from .unet import UNetConfig
 from .vae import VAEConfig
 
 METADATA_KEY = "ldm_scratch_config"
-KINDS = ("sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting", "tiny")
+KINDS = ("sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting", "sd-v2-upscaler", "tiny")
 OPENCLIP_PAD_ID = 0   # SD 2's OpenCLIP tokenizer pads with id 0 ("!"), not with end-of-text as SD v1's does
 # T, the number of training timesteps, in the range every sampler handles. Measured: with T = 100 each sampler
 # runs 1, 2, 30 and 50 steps (the CLI's and the API's defaults are 30) and stays finite; with T = 50, 50 steps
@@ -44,7 +44,7 @@ class ModelConfig:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000   # T
     image_size: int = 512             # the resolution the model was trained at (default height/width)
-    kind: str = "sd-v1"               # "sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting" or "tiny"
+    kind: str = "sd-v1"               # one of KINDS: "sd-v1", "sd-v2", "sd-v2-upscaler", "tiny", …
     prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" or "v_prediction" (SD 2 768-v)
     rescale_zero_terminal_snr: bool = False  # β rescaled so ᾱ_T = 0 (Lin et al. 2023; `train --zero-snr`)
     name: str = "stable-diffusion-v1"  # written into PNG metadata ("Model:")
@@ -173,9 +173,14 @@ def _check_model(config: ModelConfig) -> None:
         raise bad("unet.context_dim", f"must equal text_encoder.width ({text.width}): the UNet cross-attends to the "
                                       f"text encoder's output, got {unet.context_dim}")
     z = vae.z_channels
-    if unet.in_channels not in (z, 2 * z, 2 * z + 1):   # latent; + image latent (instruct); + mask (inpainting)
+    # latent; + image latent (instruct); + mask (inpainting); + a low-resolution RGB image (×4 upscaler)
+    if unet.in_channels not in (z, 2 * z, 2 * z + 1, z + 3):
         raise bad("unet.in_channels", f"must be {z}, {2 * z} or {2 * z + 1} (vae.z_channels = {z}: the latent, "
-                                      f"+ an image latent, + a mask), got {unet.in_channels}")
+                                      f"+ an image latent, + a mask) or {z + 3} (the ×4 upscaler: + an RGB image), "
+                                      f"got {unet.in_channels}")
+    if any(level >= len(unet.channel_mult) for level in unet.disable_self_attention):
+        raise bad("unet.disable_self_attention", f"names levels of a {len(unet.channel_mult)}-level UNet, got "
+                                                 f"{list(unet.disable_self_attention)}")
     if unet.out_channels != z:
         raise bad("unet.out_channels", f"must equal vae.z_channels ({z}): ε̂ has the latent's shape, got "
                                        f"{unet.out_channels}")

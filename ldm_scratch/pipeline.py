@@ -51,6 +51,7 @@ from .instruct import InstructMethods
 from .latents import NonFiniteOutputError, decode_latents, encode_images, vae_call
 from .lora import LoraMethods
 from .textual_inversion import TextualInversionMethods
+from .upscale import UpscaleMethods
 from .samplers.base import steps_to_run
 from .seeds import check_latents, make_generators, skip_draws, starting_noise
 
@@ -58,8 +59,9 @@ from .seeds import check_latents, make_generators, skip_draws, starting_noise
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "tiny-shapes.safetensors"
 
 
-class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  # + load_lora, set_lora_scale,
-    # unload_lora (lora.py), load_textual_inversion, unload_textual_inversion (textual_inversion.py), instruct (instruct.py)
+class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods, UpscaleMethods):  # + load_lora, set_lora_scale,
+    # unload_lora (lora.py), load_textual_inversion, unload_textual_inversion (textual_inversion.py), instruct (instruct.py),
+    # upscale (upscale.py)
     """Holds the networks (`text_encoder`, `unet`, `vae`), the `tokenizer`, the `schedule` and the `config`.
 
     Build it with `load_pipeline(...)`; call `txt2img`, `img2img` or `inpaint`.
@@ -232,9 +234,12 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
         return check_size(*default_size(image, height, width, factor), factor)
 
     def _refuse_inpainting_model(self, what: str) -> None:
-        if self.is_inpainting_model:
+        if self.is_inpainting_model and what != "inpaint":
             raise ValueError(f"this is an inpainting checkpoint (9-channel UNet, {self.config.name}); it cannot run "
                              f"{what}: use pipe.inpaint(prompt, image, mask_image), or load a regular checkpoint")
+        if self.config.unet.num_classes is not None:
+            raise ValueError(f"this is the SD 2 ×4 upscaler ({self.config.name}); it cannot run {what}: use "
+                             "pipe.upscale(prompt, image, noise_level=20), or load a regular checkpoint")
 
     # -- public entry points ---------------------------------------------------------------------------------------
     def txt2img(self, prompt=None, negative_prompt=None, *, num_images: int = 1, steps: int = 30,
@@ -325,6 +330,7 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods):  #
         or a tensor [1, H, W] / [K, 1, H, W] in [0, 1]; binarised at 0.5. strength < 1 starts from the image
         noised (as img2img) instead of pure noise. Other arguments and the return value as `txt2img`.
         """
+        self._refuse_inpainting_model("inpaint")                # (an inpainting model may; the ×4 upscaler not)
         batch, sampler, encode = self._prepare(prompt, negative_prompt, num_images, steps, sampler, output_type,
                                                guidance_scale, strength, (prompt_embeds, negative_prompt_embeds,
                                                                           clip_skip, prompt_syntax))

@@ -78,12 +78,19 @@ class TransformerBlock(nn.Module):
         x = x + CrossAttention(LN(x), context)    each pixel (query) reads the prompt tokens (keys/values):
                                                   the only place the text steers the image
         x = x + GEGLU-FeedForward(LN(x))
+
+    self_attends=False (the ×4 upscaler's `disable_self_attn`, diffusers' `only_cross_attention`): the first
+    attention takes its keys and values from the context as well, x = x + Attention₁(LN(x), context), so the
+    block cross-attends twice (with two sets of weights) and pixels never attend to each other there — the
+    quadratic cost in h·w is gone at the high-resolution levels of a 512² output.
     """
 
-    def __init__(self, dim: int, n_heads: int, context_dim: int, upcast: bool = False):
+    def __init__(self, dim: int, n_heads: int, context_dim: int, upcast: bool = False, self_attends: bool = True):
         super().__init__()
+        self.self_attends = self_attends
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, n_heads, upcast=upcast)
+        # self_attends=False: the first attention reads the context too (its K, V are [C, D] projections)
+        self.self_attn = Attention(dim, n_heads, None if self_attends else context_dim, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, n_heads, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
@@ -91,7 +98,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # residuals added into each sublayer's fresh output (x + f(x) = f(x) + x exactly; one buffer fewer)
-        x = self.self_attn(self.norm1(x)).add_(x)
+        x = self.self_attn(self.norm1(x), None if self.self_attends else context).add_(x)
         x = self.cross_attn(self.norm2(x), context).add_(x)
         return self.ff(self.norm3(x)).add_(x)
 
@@ -112,12 +119,13 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, n_heads: int, context_dim: int, depth: int = 1, groups: int = 32,
-                 linear: bool = False, upcast: bool = False):
+                 linear: bool = False, upcast: bool = False, self_attends: bool = True):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
-        self.blocks = nn.ModuleList(TransformerBlock(channels, n_heads, context_dim, upcast) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(channels, n_heads, context_dim, upcast, self_attends)
+                                    for _ in range(depth))
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,10 @@ x_t [B, 4, h, w] is a noisy latent (h = w = 64 for a 512² image), t the diffusi
 context [B, 77, 768] the CLIP text encoder's last hidden state. The output eps_pred [B, 4, h, w] estimates the
 noise ε that the forward process q(x_t | x_0) mixed into x_0:  x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε.
 The inpainting model takes 9 input channels: the 4 latent channels, 1 mask channel and the 4 channels of the
-masked image's latent, concatenated; everything after the first convolution is the same.
+masked image's latent, concatenated; everything after the first convolution is the same. The SD 2 ×4 upscaler
+takes 7 (the latent and the noised low-resolution RGB image) and one more input, its noise level n as a class
+label: emb = MLP(timestep_embedding(t)) + label_emb[n] (UNetConfig.num_classes); its high-resolution levels have
+no self-attention (UNetConfig.disable_self_attention, spatial_transformer.TransformerBlock).
 
 Shapes through the levels at full size (SD v1: model_channels 320, channel_mult 1, 2, 4, 4), for a 64×64 latent:
 
@@ -65,9 +68,14 @@ class UNetConfig:
     upcast_attention: bool = False       # SD 2.1: attention in float32 when the UNet runs in half precision
     # A full LCM UNet (Luo et al. 2023: distilled with the guidance scale as an input, no CFG) adds one Linear:
     guidance_embed_dim: int | None = None  # width of its guidance-scale embedding (256; diffusers' time_cond_proj_dim)
+    # The SD 2 ×4 upscaler (x4-upscaling.yaml) adds a class label and turns self-attention off where it is costly:
+    num_classes: int | None = None       # label_emb = Embedding(1000, 1024): the low-res image's noise level
+    disable_self_attention: tuple[int, ...] = ()   # levels whose attn1 reads the context (disable_self_attentions)
+    disable_middle_self_attention: bool = False    # the same for the middle block (disable_middle_self_attn)
 
     def __post_init__(self):
         self.channel_mult, self.attention_levels = tuple(self.channel_mult), tuple(self.attention_levels)
+        self.disable_self_attention = tuple(self.disable_self_attention)
         split = f"head_dim={self.head_dim}" if self.head_dim else f"n_heads={self.n_heads}"
         for width in (self.model_channels * m for m in self.channel_mult):
             if width % self.norm_groups or width % (self.head_dim or self.n_heads):
@@ -185,10 +193,11 @@ class ResBlock(nn.Module):
 # The levels of the UNet
 # ---------------------------------------------------------------------------------------------------------------
 
-def spatial_transformer(width: int, c: UNetConfig) -> SpatialTransformer:
-    """The SpatialTransformer of a level of this width, as the config says (SD v1 or SD 2 style)."""
+def spatial_transformer(width: int, c: UNetConfig, self_attends: bool = True) -> SpatialTransformer:
+    """The SpatialTransformer of a level of this width, as the config says (SD v1 or SD 2 style; self_attends=False:
+    the ×4 upscaler's cross-attention-only blocks, spatial_transformer.TransformerBlock)."""
     return SpatialTransformer(width, c.heads(width), c.context_dim, c.transformer_depth, c.norm_groups,
-                              linear=c.linear_projection, upcast=c.upcast_attention)
+                              linear=c.linear_projection, upcast=c.upcast_attention, self_attends=self_attends)
 
 
 class Upsample(nn.Module):
@@ -206,13 +215,14 @@ class DownLevel(nn.Module):
     """One resolution of the encoder half: `n_res` × (ResBlock [→ SpatialTransformer]), then a stride-2 conv
     that halves h and w (absent at the last level). Pushes every output onto `skips` for the decoder half."""
 
-    def __init__(self, in_channels: int, width: int, config: UNetConfig, attention: bool, downsample: bool):
+    def __init__(self, in_channels: int, width: int, config: UNetConfig, attention: bool, downsample: bool,
+                 self_attends: bool = True):
         super().__init__()
         c = config
         self.res = nn.ModuleList(ResBlock(in_channels if j == 0 else width, width, c.time_dim, c.norm_groups)
                                  for j in range(c.num_res_blocks))
         self.attn = nn.ModuleList(
-            spatial_transformer(width, c) for _ in range(c.num_res_blocks)) if attention else None
+            spatial_transformer(width, c, self_attends) for _ in range(c.num_res_blocks)) if attention else None
         self.downsample = nn.Conv2d(width, width, 3, stride=2, padding=1) if downsample else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
@@ -235,7 +245,7 @@ class Middle(nn.Module):
         super().__init__()
         c = config
         self.res1 = ResBlock(width, width, c.time_dim, c.norm_groups)
-        self.attn = spatial_transformer(width, c)
+        self.attn = spatial_transformer(width, c, self_attends=not c.disable_middle_self_attention)
         self.res2 = ResBlock(width, width, c.time_dim, c.norm_groups)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -247,13 +257,14 @@ class UpLevel(nn.Module):
     upsample (absent at the top level). `skip_channels[j]` is the width of the skip the j-th ResBlock receives."""
 
     def __init__(self, in_channels: int, width: int, skip_channels: list[int], config: UNetConfig,
-                 attention: bool, upsample: bool):
+                 attention: bool, upsample: bool, self_attends: bool = True):
         super().__init__()
         c = config
         inputs = [in_channels] + [width] * (len(skip_channels) - 1)
         self.res = nn.ModuleList(ResBlock(ch + skip, width, c.time_dim, c.norm_groups)
                                  for ch, skip in zip(inputs, skip_channels))
-        self.attn = nn.ModuleList(spatial_transformer(width, c) for _ in skip_channels) if attention else None
+        self.attn = nn.ModuleList(
+            spatial_transformer(width, c, self_attends) for _ in skip_channels) if attention else None
         self.upsample = Upsample(width) if upsample else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
@@ -276,7 +287,8 @@ def encoder_levels(c: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     skip_channels, ch = [widths[0]], widths[0]
     levels = nn.ModuleList()
     for level, width in enumerate(widths):
-        levels.append(DownLevel(ch, width, c, level in c.attention_levels, downsample=level != last))
+        levels.append(DownLevel(ch, width, c, level in c.attention_levels, downsample=level != last,
+                                self_attends=level not in c.disable_self_attention))
         skip_channels += [width] * (c.num_res_blocks + (level != last))
         ch = width
     return levels, skip_channels
@@ -294,6 +306,8 @@ class UNet(nn.Module):
         widths = [c.model_channels * m for m in c.channel_mult]          # SD v1: 320, 640, 1280, 1280
 
         self.time_embedding = TimestepMLP(c.model_channels, c.time_dim, c.guidance_embed_dim)
+        # ×4 upscaler: one learnt row [time_dim] per class label (its noise level), added to the timestep's embedding
+        self.class_embedding = nn.Embedding(c.num_classes, c.time_dim) if c.num_classes else None
         self.input_conv = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
 
         self.down, skip_channels = encoder_levels(c)                     # the encoder half
@@ -304,7 +318,8 @@ class UNet(nn.Module):
         up = {}
         for level in reversed(range(len(widths))):
             skips = [skip_channels.pop() for _ in range(c.num_res_blocks + 1)]
-            up[level] = UpLevel(ch, widths[level], skips, c, level in c.attention_levels, upsample=level != 0)
+            up[level] = UpLevel(ch, widths[level], skips, c, level in c.attention_levels, upsample=level != 0,
+                                self_attends=level not in c.disable_self_attention)
             ch = widths[level]
         self.up = nn.ModuleList(up[level] for level in range(len(widths)))
 
@@ -313,13 +328,16 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
                 control: tuple[list[torch.Tensor], torch.Tensor] | None = None,
-                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | float | None = None,
+                class_labels: torch.Tensor | int | None = None) -> torch.Tensor:
         """control: a ControlNet's (skip residuals, middle residual), already scaled (controlnet.py): each residual
-        is added to the activation the UNet reads it with, as cldm.py does: skip_i + r_i, middle + r_mid."""
+        is added to the activation the UNet reads it with, as cldm.py does: skip_i + r_i, middle + r_mid.
+        class_labels: the ×4 upscaler's noise level, an int or [B] in [0, num_classes) (UNet with num_classes)."""
         if x.shape[1] != self.config.in_channels:
             raise ValueError(f"UNet expects {self.config.in_channels} input channels, got x of shape "
-                             f"{list(x.shape)}" + (" (the inpainting model takes 9: latent, mask, masked-image "
-                                                   "latent)" if self.config.in_channels == 9 else ""))
+                             f"{list(x.shape)}" + {9: " (the inpainting model takes 9: latent, mask, masked-image "
+                                                      "latent)", 7: " (the ×4 upscaler takes 7: latent, low-res "
+                                                      "image)"}.get(self.config.in_channels, ""))
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         if t.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"t must be a scalar or have one entry per sample ({x.shape[0]}), got {t.shape[0]}")
@@ -328,6 +346,8 @@ class UNet(nn.Module):
         if guidance is not None:                     # a full LCM UNet's guidance scale w, one per sample: [B]
             guidance = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embedding(timestep_embedding(t, self.config.model_channels).to(x.dtype), guidance)   # [B, 1280]
+        if self.class_embedding is not None or class_labels is not None:
+            emb = emb + self._class_embedding(class_labels, x.shape[0]).to(emb.dtype)   # emb = emb + label_emb(y)
         h = self.input_conv(x)
         skips = [h]
         for level in self.down:
@@ -340,3 +360,16 @@ class UNet(nn.Module):
         for level in reversed(self.up):
             h = level(h, emb, context, skips)
         return self.output_conv(F.silu(self.output_norm(h), inplace=True))
+
+    def _class_embedding(self, labels, batch: int) -> torch.Tensor:
+        """label_emb(y) [B, time_dim] for integer labels y (scalar or [B]), checked against the embedding's rows."""
+        if self.class_embedding is None or labels is None:
+            raise ValueError("this UNet has no class embedding (num_classes): leave class_labels=None"
+                             if labels is not None else f"this UNet takes a class label (num_classes="
+                             f"{self.config.num_classes}; the ×4 upscaler's noise level): pass class_labels=")
+        labels = torch.as_tensor(labels, device=self.class_embedding.weight.device).reshape(-1)
+        n = self.config.num_classes
+        if labels.is_floating_point() or labels.shape[0] not in (1, batch) or not ((0 <= labels) & (labels < n)).all():
+            raise ValueError(f"class_labels must be whole numbers in [0, {n}), one or one per sample ({batch}), "
+                             f"got {labels.tolist()}")
+        return self.class_embedding(labels.expand(batch))

@@ -56,7 +56,8 @@ METADATA_CASES = [
     ("T huge", _set("num_train_timesteps", 10**9), r"'num_train_timesteps' must be between 100 and 100,000"),
     ("T fractional", _set("num_train_timesteps", 999.5), r"'num_train_timesteps' must be a positive whole number"),
     ("T a boolean", _set("num_train_timesteps", True), r"'num_train_timesteps' .*whole number, got True \(a boolean"),
-    ("kind", _set("kind", "sd-v3"), r"'kind' must be one of sd-v1, sd-v1-inpainting, sd-v2, sd-v2-inpainting, tiny"),
+    ("kind", _set("kind", "sd-v3"), r"'kind' must be one of sd-v1, sd-v1-inpainting, sd-v2, sd-v2-inpainting, "
+     r"sd-v2-upscaler, tiny"),
     ("image_size", _set("image_size", 60), r"'image_size' must be a multiple of 8"),
     ("unknown field", _set("latent_scal", 0.2), r"unknown field\(s\) \['latent_scal'\]"),
     ("unknown nested field", _set("unet.channels", 3), r"'unet' has unknown field\(s\) \['channels'\]"),

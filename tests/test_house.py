@@ -25,7 +25,8 @@ LAYERS = [
     ("configs", {"configs"}),
     ("files and speed", {"checkpoint", "fast", "seeds", "arguments", "lora", "merging", "parameters",
                          "textual_inversion"}),
-    ("pipeline", {"pipeline", "latents", "loader", "guidance", "editing", "control", "conditioning", "instruct"}),
+    ("pipeline", {"pipeline", "latents", "loader", "guidance", "editing", "control", "conditioning", "instruct",
+                  "upscale"}),
     ("training", {"train", "training"}),
     ("command line", {"cli", "__main__", "__init__"}),
 ]

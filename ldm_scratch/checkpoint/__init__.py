@@ -11,7 +11,8 @@ A package split by idea; this front door gathers the names the rest of ldm_scrat
     controlnet_file.py   ControlNets in and out, strictly                     load_controlnet, save_controlnet
     openclip_keys.py SD 2's OpenCLIP text tower: its names ↔ ours, fused q/k/v split     map_openclip, FusedView
     prediction.py    ε or v for a file, and why (explicit, .yaml beside it, name, …)    choose_prediction_type
-    keys/            the official SD v1/v2 key names and shapes, CompVis' v1/v2 inference yamls
+    upscaler_keys.py the SD 2 ×4 upscaler: its extra buffers, switches read off shapes, yaml numbers
+    keys/            the official SD v1/v2 key names and shapes, CompVis' v1/v2 (and ×4 upscaler) inference yamls
 """
 from .controlnet_file import load_controlnet, save_controlnet
 from .inspection import describe

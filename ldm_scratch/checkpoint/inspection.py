@@ -13,6 +13,7 @@ from .loading import (DIFFUSERS_FOLDERS, PARTS, SUPPORTED, UNSUPPORTED, config_f
 from .openclip_keys import OPENCLIP_PREFIX, map_openclip, source_keys, unused_openclip_keys
 from .prediction import choose_prediction_type
 from .tensor_file import CheckpointError, TensorFile, key_list, read_json
+from .upscaler_keys import low_scale_buffers
 
 
 def describe(path: str | os.PathLike) -> str:
@@ -29,6 +30,8 @@ def describe(path: str | os.PathLike) -> str:
         "; not a whole model)" if kind in PARTS else "; not supported yet)")
     if kind == "sd-v1" and tuple(file.shapes.get(UNET_INPUT_CONV, ()))[1:2] == (8,):   # latents + image latents
         note = "  (InstructPix2Pix: 8-channel UNet input, noisy latents + image latents; use pipe.instruct)"
+    if kind == "sd-v2-upscaler":
+        note = "  (SD 2 ×4 upscaler: 7-channel UNet input, latents + the noised low-res image; use pipe.upscale)"
     lines = [f"{path}", f"  kind:       {kind}{note}",
              f"  tensors:    {len(file.shapes):,} ({total:,} numbers, dtypes {_dtypes(file, file.keys())})"]
     if kind not in SUPPORTED:
@@ -67,6 +70,10 @@ def _describe_folder(path: Path) -> str:
                               "missing or unreadable (a diffusers folder needs unet/, vae/ and text_encoder/).")
     text_config = path / "text_encoder" / "config.json"
     v2 = text_config.is_file() and read_json(text_config).get("hidden_act") == "gelu"   # OpenCLIP: SD 2
+    unet_config = path / "unet" / "config.json"
+    if v2 and unet_config.is_file() and read_json(unet_config).get("num_class_embeds"):   # a noise-level label
+        lines.append("  kind:       sd-v2-upscaler  (SD 2 ×4 upscaler: latents + the noised low-res image; use "
+                     "pipe.upscale)")
     prediction, reason = choose_prediction_type(path, "sd-v2" if v2 else "sd-v1")
     lines.append(f"  prediction: {prediction} ({reason})")
     return "\n".join(lines)
@@ -85,7 +92,7 @@ def _describe_sd_v1(file: TensorFile, kind: str = "sd-v1") -> list[str]:
         lines.append(f"  {network:13s} {_count(file, keys):>13,} parameters  {_dtypes(file, keys)}  ({prefix}*)")
     used = {k for m in mappings.values() for k in source_keys(m)}
     ema = [k for k in file.keys() if k.startswith(EMA_PREFIX)]
-    unused_text = unused_openclip_keys(file.keys())
+    unused_text = set(unused_openclip_keys(file.keys())) | set(low_scale_buffers(file.keys()))   # allowed by name
     ignored = [k for k in file.keys() if (k in IGNORED_KEYS or k in unused_text) and not k.startswith(EMA_PREFIX)]
     unmapped = [k for k in file.keys() if k not in used and k not in IGNORED_KEYS and k not in unused_text
                 and not k.startswith(EMA_PREFIX)]

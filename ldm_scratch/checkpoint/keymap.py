@@ -33,6 +33,7 @@ from ..clip import CLIPTextConfig
 from ..unet import UNetConfig
 from ..vae import VAEConfig
 from .tensor_file import CheckpointError
+from .upscaler_keys import self_attention_switches
 
 Rule = tuple[str, "str | Callable[[re.Match], str]"]
 Parts = tuple[tuple[str, str], ...]   # (official, ours) name fragments inside one kind of block
@@ -116,10 +117,12 @@ class UNetLayout:
     n_levels: int = 4
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)
+    class_label: bool = False            # ×4 upscaler: label_emb, the noise level's embedding (not numbered)
 
     @classmethod
     def of(cls, config: UNetConfig) -> "UNetLayout":
-        return cls(len(config.channel_mult), config.num_res_blocks, tuple(config.attention_levels))
+        return cls(len(config.channel_mult), config.num_res_blocks, tuple(config.attention_levels),
+                   config.num_classes is not None)
 
     @classmethod
     def of_keys(cls, keys: Iterable[str]) -> "UNetLayout":
@@ -134,7 +137,7 @@ class UNetLayout:
         per_level = ops[0] if ops else max(inputs) + 1                  # R ResBlocks and the downsample
         attends = {(n - 1) // per_level for k in keys
                    if (m := re.match(r"input_blocks\.(\d+)\.1\.", k)) and (n := int(m[1])) % per_level}
-        return cls(len(ops) + 1, per_level - 1, tuple(sorted(attends)))
+        return cls(len(ops) + 1, per_level - 1, tuple(sorted(attends)), "label_emb.weight" in keys)
 
 
 def unet_keymap(layout: UNetLayout = UNetLayout()) -> KeyMap:
@@ -144,7 +147,7 @@ def unet_keymap(layout: UNetLayout = UNetLayout()) -> KeyMap:
     SpatialTransformer?], an upsample inside the last block of every level but level 0). Our up.l mirrors down.l."""
     R, attends = layout.num_res_blocks, lambda level: level in layout.attention_levels
     blocks = [("time_embed.0.", "time_embedding.linear1.", ()), ("time_embed.2.", "time_embedding.linear2.", ()),
-              ("input_blocks.0.0.", "input_conv.", ())]
+              ("input_blocks.0.0.", "input_conv.", ())] + [("label_emb.", "class_embedding.", ())] * layout.class_label
     n = 1
     for level in range(layout.n_levels):
         for j in range(R):
@@ -366,6 +369,7 @@ def unet_config_from_shapes(shapes: dict[str, tuple], n_heads: int = 8, norm_gro
     n_levels = len(indices(r"down\.(\d+)\.res\.0\.conv1\.weight"))
     attention_levels = tuple(sorted(indices(r"down\.(\d+)\.attn\.0\.norm\.weight")))
     first_attn = f"down.{attention_levels[0]}.attn.0" if attention_levels else "middle.attn"
+    context_dim = shapes[f"{first_attn}.blocks.0.cross_attn.to_k.weight"][1]
     return UNetConfig(
         in_channels=in_channels,
         out_channels=shapes["output_conv.weight"][0],
@@ -375,7 +379,7 @@ def unet_config_from_shapes(shapes: dict[str, tuple], n_heads: int = 8, norm_gro
         attention_levels=attention_levels,
         n_heads=n_heads,
         transformer_depth=len(indices(re.escape(first_attn) + r"\.blocks\.(\d+)\.norm1\.weight")),
-        context_dim=shapes[f"{first_attn}.blocks.0.cross_attn.to_k.weight"][1],
+        context_dim=context_dim, **self_attention_switches(shapes, context_dim),     # ×4 upscaler (upscaler_keys.py)
         norm_groups=norm_groups, head_dim=head_dim, upcast_attention=upcast_attention,
         linear_projection=len(shapes[f"{first_attn}.proj_in.weight"]) == 2,      # SD 2: Linear [C, C]
         guidance_embed_dim=shapes.get("time_embedding.guidance_proj.weight", (None, None))[1])   # full LCM UNet

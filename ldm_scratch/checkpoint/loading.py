@@ -25,6 +25,7 @@ from .keymap import (DIFFUSERS_CLIP_RULES, EMA_PREFIX, IGNORED_KEYS, SINGLE_FILE
 from .openclip_keys import OPENCLIP_PREFIX, FusedView, map_openclip, source_keys, unused_openclip_keys
 from .prediction import choose_prediction_type
 from .tensor_file import CheckpointError, TensorFile, key_list, read_json
+from .upscaler_keys import UPSCALER_NUMBERS, UPSCALER_UNET_HINTS, check_upscaler_file, low_scale_buffers
 
 
 @dataclass
@@ -101,7 +102,8 @@ PARTS = ("vae-only", "unet-only", "text-encoder-only")  # one network of a model
 
 def identify(shapes: dict[str, tuple]) -> str:
     """Name the kind of a single-file checkpoint from its keys and shapes: 'sd-v1', 'sd-v1-inpainting', 'sd-v2',
-    'sd-v2-inpainting', 'sdxl', one network alone ('vae-only', 'unet-only', 'text-encoder-only') or 'unknown'."""
+    'sd-v2-inpainting', 'sd-v2-upscaler', 'sdxl', one network alone ('vae-only', 'unet-only', 'text-encoder-only')
+    or 'unknown'."""
     if any(k.startswith("conditioner.embedders.") for k in shapes):
         return "sdxl"  # SDXL keeps its two text encoders under conditioner.embedders.{0,1}
     if UNET_INPUT_CONV in shapes and not any(k.startswith(("first_stage_model.", "cond_stage_model.")) for k in shapes):
@@ -113,6 +115,8 @@ def identify(shapes: dict[str, tuple]) -> str:
         inpainting = second(UNET_INPUT_CONV, 4)[0] == 9  # 4 latent + 1 mask + 4 masked-image latent channels
         v2 = (any(k.startswith("cond_stage_model.model.") for k in shapes)  # OpenCLIP ViT-H text tower
               or second(UNET_CROSS_ATTN_K, 768)[0] == 1024)
+        if v2 and second(UNET_INPUT_CONV, 4)[0] == 7:    # 4 latent + 3 low-resolution RGB channels
+            return "sd-v2-upscaler"
         return ("sd-v2" if v2 else "sd-v1") + ("-inpainting" if inpainting else "")
     if any(k.startswith(("encoder.", "first_stage_model.encoder.")) for k in shapes):
         return "vae-only"
@@ -142,6 +146,8 @@ def plan_single_file(shapes: dict[str, tuple], metadata: dict[str, str], path: P
         raise CheckpointError(f"{path} is an incomplete {'Stable Diffusion 2.x' if v2 else 'SD v1'} checkpoint: it "
                               f"has no {' and no '.join(absent)}. Loading needs the UNet, the VAE and the text "
                               "encoder together in one file.")
+    if kind == "sd-v2-upscaler":
+        check_upscaler_file(shapes, path)
     config = config_from_metadata(metadata, path)   # our own files: checked before any weight is read
     mappings = map_single_file(shapes)
     if v2:
@@ -158,13 +164,15 @@ def plan_single_file(shapes: dict[str, tuple], metadata: dict[str, str], path: P
     if config is not None:
         return mappings, config
     shapes_of = FusedView.split_shapes(shapes) if v2 else shapes
+    hints = {**V2_HINTS, "unet": UPSCALER_UNET_HINTS} if kind == "sd-v2-upscaler" else V2_HINTS if v2 else {}
     parts = {network: from_shapes({ours: shapes_of[key] for ours, key in mappings[network].items()},
-                                  **(V2_HINTS[network] if v2 else {}))
+                                  **hints.get(network, {}))
              for network, (_, from_shapes, _) in _network_classes().items()}
-    return mappings, ModelConfig(**parts, kind=kind, name=path.stem)
+    return mappings, ModelConfig(**parts, kind=kind, name=path.stem, **KIND_NUMBERS.get(kind, {}))
 
 
-SUPPORTED = ("sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting")
+SUPPORTED = ("sd-v1", "sd-v1-inpainting", "sd-v2", "sd-v2-inpainting", "sd-v2-upscaler")
+KIND_NUMBERS = {"sd-v2-upscaler": UPSCALER_NUMBERS}   # latent scale, β, size from the yaml (upscaler_keys.py)
 # What SD 2's shapes do not show (v2-inference-v.yaml): OpenCLIP's exact GELU; 64-channel UNet heads
 # (num_head_channels: 64); upcast attention, a no-op in float32 and what 2.1 needs in float16 (spatial_transformer.py).
 V2_HINTS = {"text_encoder": {"activation": "gelu"}, "unet": {"head_dim": 64, "upcast_attention": True}, "vae": {}}
@@ -186,6 +194,7 @@ def config_from_metadata(metadata: dict[str, str], path: Path) -> ModelConfig | 
 def _check_nothing_left_over(shapes: dict[str, tuple], mappings: dict[str, dict[str, str]], path: Path) -> None:
     used = {key for mapping in mappings.values() for key in source_keys(mapping)}
     used |= set(unused_openclip_keys(shapes))       # SD 2: the last block, text_projection, logit_scale, by name
+    used |= set(low_scale_buffers(shapes))          # ×4 upscaler: its noise-augmentation schedule, by name
     left = [k for k in shapes if k not in used and k not in IGNORED_KEYS and not k.startswith(EMA_PREFIX)]
     if left:
         raise CheckpointError(f"{path}: {len(left)} tensor(s) belong to no network we know: {key_list(left)}. The "
@@ -229,8 +238,8 @@ def _load_diffusers_folder(root: Path, dtype) -> LoadedModel:
         hints = _config_hints(name, read_json(json_path)) if json_path.is_file() else {}
         parts[name] = _network_classes()[name][1](shapes, **hints)
     kind = ("sd-v2" if parts["text_encoder"].activation == "gelu" else "sd-v1") + (   # OpenCLIP's GELU: SD 2
-        "-inpainting" if parts["unet"].in_channels == 9 else "")
-    config = ModelConfig(**parts, kind=kind, name=root.name)
+        "-inpainting" if parts["unet"].in_channels == 9 else "-upscaler" if parts["unet"].num_classes else "")
+    config = ModelConfig(**parts, kind=kind, name=root.name, **KIND_NUMBERS.get(kind, {}))
     networks = _build_networks(config, mappings, files, dtype)
     tokenizer = root / "tokenizer"
     return LoadedModel(**networks, config=config, source=root,

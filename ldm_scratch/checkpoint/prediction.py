@@ -9,6 +9,7 @@ keys and shapes. So, in this order (the first that answers wins; `inspect` print
 3. a diffusers folder's scheduler/scheduler_config.json `prediction_type`;
 4. SD v1, inpainting and the tiny model → ε (every one of them was trained on ε; v2-inpainting-inference.yaml has
    no parameterization);
+   The ×4 upscaler (7-channel UNet) → v: its one official file was trained so (x4-upscaling.yaml);
 5. an SD 2 file named like the official ones: "768" in the name → v, "512" or "base" → ε;
 6. any other SD 2 file → v: the 2.x files people run (2.1-768 and its fine-tunes) predict v, and a v-model
    sampled as ε makes grey mush while the opposite mistake is as visible — so choose the common one and say so.
@@ -42,6 +43,8 @@ def choose_prediction_type(path: Path, kind: str, explicit: str | None = None) -
         if value not in PREDICTION_TYPES:
             raise CheckpointError(f"{scheduler}: prediction_type {value!r} is not one of {', '.join(PREDICTION_TYPES)}")
         return value, f"scheduler/scheduler_config.json says prediction_type: {value}"
+    if kind == "sd-v2-upscaler":
+        return "v_prediction", 'the SD 2 ×4 upscaler predicts v (x4-upscaling.yaml: parameterization "v")'
     if not kind.startswith("sd-v2") or kind.endswith("inpainting"):
         return "epsilon", f"{kind} models are trained to predict ε"
     name = path.name.lower()
