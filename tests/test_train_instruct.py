@@ -1,0 +1,167 @@
+"""Training a tiny InstructPix2Pix (ldm_scratch/training/instruct.py, instruct_data.py, scripts/train_instruct.py):
+the widened UNet starts as the old one, the edit pairs differ in one attribute only, the conditioning dropout has
+the paper's rates, a 2-step run writes a file that `load_pipeline` loads and `pipe.instruct` runs, an existing
+output is never replaced without --force, and bad input fails early with a clear message.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_scratch.checkpoint import load_models
+from ldm_scratch.data import check
+from ldm_scratch.pipeline import load_pipeline
+from ldm_scratch.training.instruct import (InstructTrainConfig, drop_conditions, history_path, train_instruct,
+                                           widen_input)
+from ldm_scratch.training.instruct_data import HELDOUT_EDITS, Edit, allowed_edits, edit_pairs, instruction
+from ldm_scratch.unet import UNet
+from pipeline_fixtures import write_tiny_checkpoint, write_vocabulary
+from tinymodels import randomize, tiny_config
+from train_instruct import main as train_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_widened_unet_starts_as_the_old_one():
+    unet = randomize(UNet(tiny_config().unet), seed=1).eval()
+    wide = widen_input(unet, 8).eval()
+    assert wide.config.in_channels == 8 and wide.input_conv.weight.shape[1] == 8
+    assert torch.equal(wide.input_conv.weight[:, :4], unet.input_conv.weight)         # old weights copied
+    assert torch.count_nonzero(wide.input_conv.weight[:, 4:]) == 0                      # new ones exactly 0
+    old_state, new_state = unet.state_dict(), wide.state_dict()
+    assert all(torch.equal(old_state[k], new_state[k]) for k in old_state if k != "input_conv.weight")
+    generator = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = unet(x, t, context)
+        # zero extra channels: the 8-channel convolution adds exact zeros to the same products
+        zeros = wide(torch.cat([x, torch.zeros_like(x)], dim=1), t, context)
+        # any image latents: 0 · c_I is 0 too, so the output is still the old model's
+        image = wide(torch.cat([x, 3 * torch.randn(x.shape, generator=generator)], dim=1), t, context)
+    # measured max |Δ| = 0.0 on this CPU (bit-identical); the bound allows another CPU's convolution kernel to sum
+    # the same nonzero products in another order for 8 input channels than for 4
+    torch.testing.assert_close(zeros, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
+
+
+def test_widening_refuses_an_instruct_or_inpainting_unet():
+    for channels in (8, 9):
+        with pytest.raises(ValueError, match="already an instruct or inpainting model"):
+            widen_input(UNet(tiny_config(channels).unet), 8)
+    with pytest.raises(ValueError, match="does not widen"):
+        widen_input(UNet(tiny_config().unet), 4)
+
+
+def test_conditioning_dropout_has_the_papers_rates():
+    """p = 0.05: text only, image only and both each 5 % (binomial std at n = 200,000: 0.05 %, bound 0.3 %)."""
+    drop_text, drop_image = drop_conditions(200_000, 0.05, torch.Generator().manual_seed(0))
+    rates = [(drop_text & ~drop_image).float().mean(), (drop_image & ~drop_text).float().mean(),
+             (drop_text & drop_image).float().mean()]
+    for rate in rates:
+        assert abs(float(rate) - 0.05) < 0.003
+    none_text, none_image = drop_conditions(1000, 0.0, torch.Generator().manual_seed(0))
+    assert not none_text.any() and not none_image.any()
+
+
+def test_edit_pairs_change_one_attribute_and_keep_the_layout():
+    assert instruction("colour", ("circle", "red", "blue"), "green") == "make the circle green"
+    assert instruction("shape", ("circle", "red", "blue"), "square") == "turn it into a square"
+    assert instruction("background", ("circle", "red", "blue"), "white") == "change the background to white"
+    sources, targets, edits = edit_pairs("train", 30, seed=3)
+    for source, target, edit in zip(sources, targets, edits):
+        assert check(source.permute(1, 2, 0).numpy()).matches(*edit.source)
+        assert check(target.permute(1, 2, 0).numpy()).matches(*edit.target)
+        assert sum(a != b for a, b in zip(edit.source, edit.target)) == 1
+        if edit.kind != "shape":     # same jitter: the shape covers the very same pixels
+            changed_src = (source != source[:, :1, :1]).any(0)
+            changed_tgt = (target != target[:, :1, :1]).any(0)
+            assert torch.equal(changed_src, changed_tgt)
+    again = edit_pairs("train", 30, seed=3)
+    assert torch.equal(again[0], sources) and again[2] == edits                      # reproducible
+
+
+def test_heldout_edits_are_never_trained():
+    train, heldout = allowed_edits("train"), allowed_edits("heldout")
+    assert {e.triple for e in heldout} == set(HELDOUT_EDITS)
+    assert not {e.triple for e in train} & set(HELDOUT_EDITS)
+    assert {e.kind for e in train} == {"colour", "shape", "background"}
+    assert Edit(("circle", "red", "blue"), "colour", "yellow").triple in HELDOUT_EDITS
+    with pytest.raises(ValueError, match="unknown edit split"):
+        allowed_edits("test")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run: a micro model, 2 steps
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A random 4-channel base model in the official layout and a small vocabulary."""
+    folder = tmp_path_factory.mktemp("train_instruct")
+    return write_tiny_checkpoint(folder / "base.safetensors", 4, seed=5), write_vocabulary(folder / "tokenizer")
+
+
+def micro_config(base, path, **changes) -> InstructTrainConfig:
+    return InstructTrainConfig(**{"out": str(path), "base_model": str(base), "steps": 2, "batch_size": 2,
+                                  "n_pairs": 4, "warmup_steps": 1, "log_every": 1, **changes})
+
+
+def test_two_steps_write_a_loadable_instruct_model(micro, tmp_path):
+    base, vocabulary = micro
+    out = tmp_path / "runs" / "instruct.safetensors"
+    history = train_instruct(micro_config(base, out), tokenizer=vocabulary, say=lambda *_: None)
+    assert history["steps_done"] == 2 and len(history["loss"]) == 2 and np.isfinite(history["loss"]).all()
+    assert json.loads(history_path(out).read_text())["steps_done"] == 2
+    loaded = load_models(out)
+    assert loaded.config.unet.in_channels == 8 and loaded.config.name.endswith("-instruct")
+    assert torch.count_nonzero(loaded.unet.input_conv.weight[:, 4:]) > 0          # the image channels learnt
+    pipe = load_pipeline(out, tokenizer=vocabulary)
+    source = np.zeros((64, 64, 3), dtype=np.uint8)
+    edited = pipe.instruct(source, "make the circle green", steps=2, seed=0, output_type="np", progress=False)
+    assert edited.shape == (1, 64, 64, 3) and np.isfinite(edited).all()
+
+
+def test_existing_output_is_refused_without_force(micro, tmp_path, capsys):
+    base, vocabulary = micro
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"the user's file")
+    argv = ["--out", str(out), "--base-model", str(base), "--steps", "2", "--batch-size", "2", "--n-pairs", "4",
+            "--tokenizer", str(vocabulary[0].parent)]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--force" in err
+    assert out.read_bytes() == b"the user's file"                                   # untouched
+    assert train_main(argv + ["--force"]) == 0
+    assert load_models(out).config.unet.in_channels == 8                             # replaced, loadable
+
+
+@pytest.mark.parametrize("changes, error, words", [
+    ({"base_model": "missing.safetensors"}, FileNotFoundError, ["no such file", "text-to-image"]),
+    ({"out": "model.ckpt"}, ValueError, [".safetensors"]),
+    ({"dropout": 0.5}, ValueError, ["dropout", "1/3"]),
+    ({"steps": 0}, ValueError, ["steps", "≥ 1"]),
+    ({"lr": -1.0}, ValueError, ["lr"]),
+])
+def test_bad_settings_fail_early(micro, tmp_path, changes, error, words):
+    base, vocabulary = micro
+    with pytest.raises(error) as raised:
+        train_instruct(micro_config(base, tmp_path / "m.safetensors", **changes), tokenizer=vocabulary,
+                       say=lambda *_: None)
+    assert all(word in str(raised.value) for word in words), str(raised.value)
+
+
+def test_an_instruct_model_is_no_base(micro, tmp_path):
+    base, vocabulary = micro
+    eight = write_tiny_checkpoint(tmp_path / "eight.safetensors", 8, seed=1)
+    with pytest.raises(ValueError, match="8-channel UNet input; start from a text-to-image model"):
+        train_instruct(micro_config(eight, tmp_path / "m.safetensors"), tokenizer=vocabulary, say=lambda *_: None)
+    out = tmp_path / "folder.safetensors"
+    out.mkdir()
+    with pytest.raises(IsADirectoryError, match="folder"):
+        train_instruct(micro_config(base, out), tokenizer=vocabulary, say=lambda *_: None, force=True)
