@@ -263,18 +263,19 @@ def test_diffusers_folder_of_the_same_model(v2_models, tmp_path):
 # Full size (slow): SD 2's real shapes with random weights, the 768-v family at 128², 2 steps
 # ---------------------------------------------------------------------------------------------------------------
 
-def full_size_v2_state(seed: int = 0, in_channels: int = 4) -> dict:
-    """Random tensors in the official SD 2 layout at full size: our UNet (865 M) and VAE with tinymodels'
-    unit-variance init, OpenCLIP ViT-H's text tower (24 blocks of 1024) as open_clip initialises it."""
+def full_size_v2_state(seed: int = 0, in_channels: int = 4, unet_config=None, vae_config=None) -> dict:
+    """Random tensors in the official SD 2 layout at full size: our UNet (865 M; or `unet_config`'s) and VAE (or
+    `vae_config`'s) with tinymodels' unit-variance init, OpenCLIP ViT-H's text tower (24 blocks of 1024) as
+    open_clip initialises it."""
     from ldm_scratch.checkpoint import SINGLE_FILE_PREFIXES, UNetLayout, official_names, single_file_keymaps
     from ldm_scratch.unet import UNet
     from ldm_scratch.vae import VAE
     from tinymodels import randomize
-    unet_config = UNetConfig(in_channels=in_channels, context_dim=1024, head_dim=64, linear_projection=True,
-                             upcast_attention=True)
+    unet_config = unet_config or UNetConfig(in_channels=in_channels, context_dim=1024, head_dim=64,
+                                            linear_projection=True, upcast_attention=True)
     keymaps = single_file_keymaps(UNetLayout.of(unet_config))
     state = {}
-    for network, module in (("unet", UNet(unet_config)), ("vae", VAE(VAEConfig()))):
+    for network, module in (("unet", UNet(unet_config)), ("vae", VAE(vae_config or VAEConfig()))):
         randomize(module, seed)
         for ours, official in official_names(module, keymaps[network], network).items():
             tensor = module.state_dict()[ours].detach()

@@ -360,23 +360,11 @@ def test_cli_upscale_writes_a_4x_png(tmp_path, capsys):
 def full_size_upscaler_state(seed: int = 0) -> dict:
     """Random tensors in the official upscaler layout at full size: our UNet and VAE (tinymodels' init) with the
     yaml's sizes, OpenCLIP ViT-H's text tower as open_clip initialises it, the low_scale_model buffers."""
-    from ldm_scratch.checkpoint import SINGLE_FILE_PREFIXES, UNetLayout, official_names, single_file_keymaps
-    from ldm_scratch.vae import VAE
-    from test_sd2_text import random_tower, sd2_state
-    from tinymodels import randomize
+    from test_sd2_pipeline import full_size_v2_state
     unet_config = UNetConfig(in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), attention_levels=(1, 2, 3),
                              n_heads=8, context_dim=1024, linear_projection=True, num_classes=1000,
                              disable_self_attention=(0, 1, 2))      # the yaml's [True, True, True, False]
-    keymaps = single_file_keymaps(UNetLayout.of(unet_config))
-    state = {}
-    for network, module in (("unet", UNet(unet_config)), ("vae", VAE(VAEConfig(channel_mult=(1, 2, 4))))):
-        randomize(module, seed)
-        for ours, official in official_names(module, keymaps[network], network).items():
-            tensor = module.state_dict()[ours].detach()
-            state[SINGLE_FILE_PREFIXES[network] + official] = tensor[:, :, None, None] if (
-                network == "vae" and tensor.dim() == 2) else tensor
-        del module
-    state.update(sd2_state(random_tower(width=1024, heads=16, layers=24, seed=seed)))
+    state = full_size_v2_state(seed, unet_config=unet_config, vae_config=VAEConfig(channel_mult=(1, 2, 4)))
     state.update(low_scale_buffers())
     return state
 
