@@ -37,11 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ti.add_argument("--num-vectors", type=int, default=d.num_vectors)
     db = parser.add_argument_group("DreamBooth")
     db.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
-    db.add_argument("--class-prompt", default="", help="prior preservation: the class, e.g. 'a red shape' (several: "
-                    "'a red circle | a blue star', used in turn)")
-    db.add_argument("--num-class-images", type=int, default=d.num_class_images)
-    db.add_argument("--prior-weight", type=float, default=d.prior_weight, help="λ of the prior-preservation loss")
-    db.add_argument("--class-dir", default="", help="where class images are generated and reused (OUT/class_images)")
+    prior = parser.add_argument_group("prior preservation (DreamBooth and LoRA)")
+    prior.add_argument("--class-prompt", default="", help="prior preservation: the class, e.g. 'a red shape' "
+                       "(several: 'a red circle | a blue star', used in turn)")
+    prior.add_argument("--num-class-images", type=int, default=d.num_class_images)
+    prior.add_argument("--prior-weight", type=float, default=d.prior_weight, help="λ of the prior-preservation loss")
+    prior.add_argument("--class-dir", default="",
+                       help="where class images are generated and reused (OUT/class_images)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-resume", action="store_true", help="start afresh (needs --force over a checkpoint)")
