@@ -55,10 +55,10 @@ BANDED_FROM_ROWS = 512   # only layers whose OUTPUT is at least this tall run in
                          # for no memory: the decode's peak is at the last level either way.
 
 
-def _rows_per_band(x: torch.Tensor, out_rows: int | None = None) -> int | None:
-    """BAND_ROWS when a layer on x [B, C, H, W] whose output has out_rows rows (default H) should run in row bands
-    (no autograd, an output ≥ BANDED_FROM_ROWS rows tall and more than one band); else None."""
-    out_rows = x.shape[-2] if out_rows is None else out_rows
+def _rows_per_band(layer: nn.Module, x: torch.Tensor) -> int | None:
+    """BAND_ROWS when `layer` on x [B, C, H, W] should run in row bands (no autograd, an output ≥ BANDED_FROM_ROWS
+    rows tall — an Upsample's is 2H, any other layer's H — and more than one band); else None."""
+    out_rows = 2 * x.shape[-2] if isinstance(layer, Upsample) else x.shape[-2]
     banded = not torch.is_grad_enabled() and out_rows >= BANDED_FROM_ROWS and x.shape[-2] > BAND_ROWS
     return BAND_ROWS if banded else None
 
@@ -72,7 +72,7 @@ class BandedResBlock(ResBlock):
     band-sized pieces; conv2's result (+ skip(x)) is written back into h band by band."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows_per_band(x)
+        rows = _rows_per_band(self, x)
         if rows is None:
             return super().forward(x)
         h = _conv3x3_in_bands(self.conv1, _normalised_rows(self.norm1, x, rows),
@@ -86,7 +86,7 @@ class BandedUpsample(Upsample):
     only a band of it at a time."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = _rows_per_band(x, 2 * x.shape[-2])
+        rows = _rows_per_band(self, x)
         if rows is None:
             return super().forward(x)
         batch, channels, height, width = x.shape
@@ -105,10 +105,10 @@ class BandedDecoder(Decoder):
         # h → 2h → 4h → 8h, as one flat loop over the blocks: a loop `h = level(h)` would keep each level's input
         # alive until the whole level had run (at 512², the last upsample's 256 MiB output beside everything after it)
         for block in [block for level in reversed(self.levels) for block in _blocks(level)]:
-            if _rows_per_band(h, 2 * h.shape[-2] if isinstance(block, Upsample) else None) is not None:
+            if _rows_per_band(block, h) is not None:
                 release_freed_memory()  # the previous blocks' freed bands, before this block's allocations
             h = block(h)
-        rows = _rows_per_band(h)
+        rows = _rows_per_band(self.conv_out, h)
         if rows is None:
             return self.conv_out(F.silu(self.norm_out(h), inplace=True))
         return _conv3x3_in_bands(self.conv_out, _normalised_rows(self.norm_out, h, rows),
