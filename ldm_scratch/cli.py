@@ -215,7 +215,7 @@ def cmd_generate(args) -> int:
         if not Path(path).is_file():
             raise ValueError(f"--embedding {path}: no such file")
     pipe = load_pipeline(args.checkpoint, dtype=getattr(torch, DTYPES[args.dtype]), device=args.device,
-                         tokenizer=args.vocab, **({"vae": args.vae} if args.vae else {}))
+                         tokenizer=args.vocab, prepack=args.prepack, **({"vae": args.vae} if args.vae else {}))
     for path, scale in loras:
         load_lora(pipe, path, scale=scale)
     for path in args.embedding:                       # textual inversion: the file's stem becomes a prompt word
@@ -295,6 +295,8 @@ def _add_generation_options(p: argparse.ArgumentParser, default_strength: float 
     p.add_argument("--grid", action="store_true", help="also save a grid of the --n images (<out>-grid.png)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="network precision")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps, …")
+    p.add_argument("--prepack", action="store_true", help="CPU: keep the UNet's weights packed for oneDNN (a "
+                   "faster step, one more copy of its weights in memory: +1.6 GiB for SD v1 in bfloat16)")
     p.add_argument("--vocab", default=None, help="tokenizer vocabulary (default: as load_tokenizer finds it)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (kohya/A1111 or diffusers .safetensors) at SCALE (default 1); repeatable")

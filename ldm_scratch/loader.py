@@ -19,7 +19,7 @@ from .pipeline import BUNDLED_MODEL, StableDiffusion
 
 def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None = torch.float32,
                   device: str | torch.device = "cpu", tokenizer=None, fast: bool = True, vae=None,
-                  prediction_type: str | None = None) -> StableDiffusion:
+                  prediction_type: str | None = None, prepack: bool = False) -> StableDiffusion:
     """Load an official SD v1/v2 single file, a diffusers folder, or (path=None) the bundled tiny model.
 
     dtype: the networks' dtype (default float32; None keeps the file's). tokenizer: None finds the vocabulary as
@@ -36,6 +36,9 @@ def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None
     code a reader follows. Both give the same images up to float32 rounding (channels_last convolutions add up in
     another order; the bands sum GroupNorm's statistics in two passes): on the bundled tiny model, max |fast −
     plain| over [0, 1] pixels was 2.8e-5 at 64² and 6.2e-5 at 128² (4 steps; tests/test_pipeline.py).
+    prepack: also keep the UNet's convolution (and bfloat16 linear) weights packed for oneDNN
+    (`ldm_scratch.fast.prepack`): a faster step on CPU for one more copy of those weights (+1.6 GiB for SD v1 in
+    bfloat16); off by default for that memory.
     """
     check_device(device)                              # before loading: cuda without CUDA fails here, clearly
     if path is None:
@@ -52,6 +55,8 @@ def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None
         tokenizer_path, tokenizer = tokenizer, None
     text_encoder, unet, vae = (m.to(device) for m in (loaded.text_encoder, loaded.unet, loaded.vae))
     if fast:
-        install(text_encoder=text_encoder, unet=unet, vae=vae)
+        install(text_encoder=text_encoder, unet=unet, vae=vae, prepack=prepack)
+    elif prepack:
+        raise ValueError("prepack=True is part of the fast path: it needs fast=True")
     return StableDiffusion(text_encoder, unet, vae, loaded.config, tokenizer=tokenizer,
                            tokenizer_path=tokenizer_path, device=device)

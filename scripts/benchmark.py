@@ -91,20 +91,23 @@ def original_config() -> dict:
     return yaml.safe_load((ROOT / "ldm_scratch" / "checkpoint" / "keys" / "v1-inference.yaml").read_text())
 
 
-def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool):
-    """What a user gets from `load_pipeline` (channels_last); with channels_last=False the same networks left in
-    PyTorch's default layout (the VAE still in row bands)."""
+def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool, prepack: bool = False):
+    """What a user gets from `load_pipeline` (channels_last; with prepack, `load_pipeline(..., prepack=True)`); with
+    channels_last=False the same networks left in PyTorch's default layout (the VAE still in row bands)."""
     from ldm_scratch.checkpoint import load_models
     from ldm_scratch.fast import use_row_bands
     from ldm_scratch.pipeline import StableDiffusion, load_pipeline
     from ldm_scratch.tokenizer import load_tokenizer
     if channels_last:
-        pipe = load_pipeline(path, dtype=dtype, device=device)
+        pipe = load_pipeline(path, dtype=dtype, device=device, prepack=prepack)
         pipe.tokenizer  # loaded now (load_pipeline defers it to first use), as diffusers loads its tokenizer
         return pipe
     models = load_models(path, dtype=dtype)
     text_encoder, unet, vae = (m.eval().to(device) for m in (models.text_encoder, models.unet, models.vae))
     use_row_bands(vae)
+    if prepack:
+        from ldm_scratch.fast import prepack_weights
+        prepack_weights(unet)
     return StableDiffusion(text_encoder, unet, vae, models.config, tokenizer=load_tokenizer(), device=device)
 
 
@@ -384,7 +387,7 @@ def memory_child(args) -> None:
     start = time.perf_counter()
     nothing = {k: None for k in ("x", "t", "context", "z", "ids")}
     if args.memory_child == "ours":
-        pipe = load_ours(args.checkpoint, dtype, args.device, not args.no_channels_last)
+        pipe = load_ours(args.checkpoint, dtype, args.device, not args.no_channels_last, args.prepack)
         load_s = time.perf_counter() - start
         run = workloads(pipe, None, nothing, args.steps)["txt2img"][0]
     else:
@@ -408,7 +411,7 @@ def measure_memory(args) -> dict[str, list[dict]]:
     results = {"ours": [], "diffusers": [], "diffusers-folder": []}
     forwarded = ["--checkpoint", str(args.checkpoint), "--dtype", args.dtype, "--device", args.device,
                  "--steps", str(args.steps), "--threads", str(torch.get_num_threads())]
-    forwarded += ["--no-channels-last"] * args.no_channels_last
+    forwarded += ["--no-channels-last"] * args.no_channels_last + ["--prepack"] * args.prepack
     forwarded += ["--diffusers-channels-last"] * args.diffusers_channels_last
     for _ in range(args.memory_repeats):
         for which in results:
@@ -436,6 +439,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's choice)")
     p.add_argument("--no-channels-last", action="store_true", help="run ours in PyTorch's default layout")
+    p.add_argument("--prepack", action="store_true", help="ours with load_pipeline(..., prepack=True): the UNet's "
+                   "weights packed for oneDNN once (ldm_scratch/fast/prepack.py)")
     p.add_argument("--diffusers-channels-last", action="store_true", help="run diffusers' UNet/VAE channels_last")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--busy", type=int, default=0, metavar="N",
@@ -490,7 +495,7 @@ def run_benchmark(args) -> None:
     speed_rows = [r for r in args.only if r != "memory"]
     if speed_rows:
         start = time.perf_counter()
-        ours = load_ours(args.checkpoint, dtype, args.device, not args.no_channels_last)
+        ours = load_ours(args.checkpoint, dtype, args.device, not args.no_channels_last, args.prepack)
         print(f"loaded ours in {time.perf_counter() - start:.1f} s", flush=True)
         start = time.perf_counter()
         theirs = load_theirs(args.checkpoint, dtype, args.device, args.diffusers_channels_last)
