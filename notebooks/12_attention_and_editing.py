@@ -22,7 +22,8 @@
 # * `ldm_scratch/editing/prompt_to_prompt.py` — Hertz et al. 2022: word swap, refinement, reweighting, local blend
 # * `ldm_scratch/editing/inversion.py` — DDIM inversion and null-text inversion (Mokady et al. 2022) of a real image
 #
-# (An instruction edit, InstructPix2Pix, comes with its own model later.)
+# * `ldm_scratch/instruct.py` — InstructPix2Pix (Brooks et al. 2023): an edit by a written instruction, with a tiny
+#   model trained here (`weights/tiny-shapes-instruct.safetensors`)
 
 # %%
 # %matplotlib inline
@@ -38,6 +39,7 @@ from ldm_scratch.attention import hooks
 from ldm_scratch.data import check, render
 
 warnings.filterwarnings("ignore", message="IProgress not found")
+plt.rcParams["figure.dpi"] = 72             # 64² images need no more; keeps the notebooks within their size budget
 plt.rcParams["image.interpolation"] = "nearest"   # show 64² images as their pixels
 torch.manual_seed(0)
 torch.set_num_threads(1)                          # tiny tensors: one thread is as fast and never stalls
@@ -176,3 +178,44 @@ plt.show()
 # The target's guided steps ε(∅_t) + 7.5·(ε(c_target) − ε(∅_t)) reuse embeddings ∅_t tuned for the source prompt
 # only, and the coarse attention maps above do not pin the shape. (Tuned with a 10× larger learning rate, ∅_t
 # strays further from the plain empty-prompt embedding and the same edit also repaints the background.)
+
+
+# %% [markdown]
+# ## An instruction edit: InstructPix2Pix, trained here
+#
+# InstructPix2Pix (Brooks et al. 2023) edits an image by a written instruction. Its UNet reads 8 channels: the
+# noisy latents and $c_I=\mathcal{E}(x)$, the latents of the image to edit (the posterior's mode, without the
+# latent scale), and it is guided twice, towards the image and towards the instruction:
+# $\tilde\epsilon=\epsilon(\varnothing,\varnothing)+s_I\,(\epsilon(c_I,\varnothing)-\epsilon(\varnothing,\varnothing))
+# +s_T\,(\epsilon(c_I,c_T)-\epsilon(c_I,\varnothing))$ (`ldm_scratch/instruct.py`).
+#
+# `weights/tiny-shapes-instruct.safetensors` is the bundled tiny model made into one
+# (`ldm_scratch/training/instruct.py`, `scripts/train_instruct.py`): its first convolution widened from 4 to 8
+# input channels with the new weights at zero, then fine-tuned for 18 minutes on edit pairs that the data generator
+# renders — the same layout drawn twice, one attribute changed — with the text and the image each dropped 5 % of
+# the time so that both guidance terms exist. Two departures from the paper's recipe made it keep the image at all
+# (kept 18 % → 75 % of held-out edits): the loss weights the high-noise steps more, where the image is the only
+# source of the layout, and the new image weights learn 4× faster. The guidance $s_I=6$, $s_T=4$ was chosen on
+# validation layouts. Below, one rendered image and five instructions; the last is one of the 15 held-out edits
+# that training never drew.
+
+# %%
+from pathlib import Path
+
+instruct_pipe = ldm_scratch.load_pipeline(Path(ldm_scratch.__file__).resolve().parents[1] / "weights" /
+                                          "tiny-shapes-instruct.safetensors")
+photo = render("circle", "red", "blue", rng=np.random.default_rng(5))
+instructions = ["make the circle green", "turn it into a square", "turn it into a ring",
+                "change the background to white", "make the circle yellow"]
+edits = instruct_pipe.instruct(photo, instructions, seed=0, image_guidance_scale=6, guidance_scale=4,
+                               progress=False)
+show([photo] + edits, ["rendered", "make the circle\ngreen", "turn it into\na square", "turn it into\na ring",
+                      "background\nto white", "make the circle\nyellow"], size=1.2)
+plt.show()
+for text, image in zip(["rendered"] + instructions, [photo] + edits):
+    print(f"{text:<32} checker reads {check(image).as_tuple()}")
+
+# %% [markdown]
+# Measured on 60 held-out edits (`scripts/eval_instruct.py`, `docs/instruct_eval.json`): the checker reads the
+# instructed change in 88 % and both untouched attributes kept in 75 % — colour edits keep the rest best (90 %),
+# background edits worst (62.5 %: the shape often takes on the old background's colour). The goal was 90 % kept.

@@ -5,6 +5,8 @@
 
 Every InstructTrainConfig field is a flag (--steps, --batch-size, --lr, --minutes, …). The output is refused when it
 exists, unless --force. Grade the result with scripts/eval_instruct.py.
+
+    python scripts/train_instruct.py --half-copy-of runs/…/model.safetensors --out weights/…safetensors   # float16 copy
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import asdict, fields
 
 import torch
 
-from ldm_scratch.training.instruct import InstructTrainConfig, train_instruct
+from ldm_scratch.training.instruct import InstructTrainConfig, save_half, train_instruct
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -30,6 +32,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="vocabulary path for load_tokenizer (default: found)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--half-copy-of", default=None, metavar="MODEL",
+                        help="train nothing: write a float16 copy of the trained MODEL to --out (for bundling)")
     return parser.parse_args(argv)
 
 
@@ -39,6 +43,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         cfg = InstructTrainConfig(**{name: getattr(args, name) for name in asdict(InstructTrainConfig())})
+        if args.half_copy_of:
+            print(f"wrote {save_half(args.half_copy_of, cfg.out, force=args.force)}")
+            return 0
         train_instruct(cfg, force=args.force, tokenizer=args.tokenizer)
     except (ValueError, FileExistsError, FileNotFoundError, IsADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,8 +12,10 @@ import torch
 from ldm_scratch.checkpoint import load_models
 from ldm_scratch.data import check
 from ldm_scratch.pipeline import load_pipeline
-from ldm_scratch.training.instruct import (InstructTrainConfig, drop_conditions, history_path, train_instruct,
-                                           widen_input)
+from ldm_scratch.diffusion import Schedule, ScheduleConfig
+from ldm_scratch.training.instruct import (EditData, InstructEps, InstructTrainConfig, copy_image_init,
+                                           drop_conditions, fold_image_scale, history_path, instruct_loss, loss_weights,
+                                           train_instruct, widen_input)
 from ldm_scratch.training.instruct_data import HELDOUT_EDITS, Edit, allowed_edits, edit_pairs, instruction
 from ldm_scratch.unet import UNet
 from pipeline_fixtures import write_tiny_checkpoint, write_vocabulary
@@ -50,6 +52,23 @@ def test_widened_unet_starts_as_the_old_one():
     torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
 
 
+def test_copied_image_start_shows_the_old_unet_the_source():
+    """copy_image_init(β): UNet_wide(cat[z_t, c_I]) = UNet(z_t + β·latent_scale·c_I), the old model seeing the
+    source's latents added at strength β."""
+    unet = randomize(UNet(tiny_config().unet), seed=4).eval()
+    wide = widen_input(unet, 8).eval()
+    copy_image_init(wide, 0.1, 0.25, 4)
+    generator = torch.Generator().manual_seed(0)
+    x, c_image = torch.randn(2, 4, 8, 8, generator=generator), 3 * torch.randn(2, 4, 8, 8, generator=generator)
+    t, context = torch.tensor([10, 950]), torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        expected = unet(x + 0.1 * 0.25 * c_image, t, context)
+        got = wide(torch.cat([x, c_image], dim=1), t, context)
+    # W_z·(β s c_I) summed apart from W_z·z_t instead of W_z·(z_t + β s c_I): measured max |Δ| = 2.9e-6 on
+    # outputs up to 2.0 in size; the bound leaves ~3× for another CPU's kernels
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 def test_widening_refuses_an_instruct_or_inpainting_unet():
     for channels in (8, 9):
         with pytest.raises(ValueError, match="already an instruct or inpainting model"):
@@ -69,6 +88,54 @@ def test_conditioning_dropout_has_the_papers_rates():
     assert not none_text.any() and not none_image.any()
 
 
+def test_high_noise_weights():
+    """w_t = clamp(1/SNR_t, 1, γ) / mean: γ = 1 is the paper's plain loss; otherwise mean 1, flat where SNR ≥ 1,
+    rising with t, and exactly γ times the flat part from 1/SNR_t ≥ γ on."""
+    schedule = Schedule(ScheduleConfig())                                   # SD v1's scaled-linear β
+    assert torch.equal(loss_weights(schedule, 1.0), torch.ones(1000))
+    weights = loss_weights(schedule, 20.0)
+    snr = schedule.alpha_bar / (1 - schedule.alpha_bar)
+    assert abs(weights.mean().item() - 1) < 1e-6
+    assert (weights[1:] >= weights[:-1]).all()                              # never lower at higher noise
+    flat = weights[snr >= 1]
+    assert torch.equal(flat, flat[:1].expand_as(flat))
+    torch.testing.assert_close(weights[-1] / weights[0], torch.tensor(20.0))
+    torch.testing.assert_close(weights[500] / weights[0], 1 / snr[500].float())  # 1/SNR between the clamps
+
+
+def test_image_input_scale_folds_into_the_saved_weights():
+    """InstructEps(k) reads k·c_I; after fold_image_scale the bare UNet gives the same ε from c_I itself."""
+    config = tiny_config(8)
+    unet = randomize(UNet(config.unet), seed=2).eval()
+    text_encoder = torch.nn.Embedding(100, 32)                           # any ids → [B, 77, 32] context
+    generator = torch.Generator().manual_seed(0)
+    z_t, c_image = torch.randn(2, 4, 8, 8, generator=generator), 3 * torch.randn(2, 4, 8, 8, generator=generator)
+    t, ids = torch.tensor([5, 900]), torch.randint(100, (2, 77), generator=generator)
+    with torch.no_grad():
+        trained = InstructEps(text_encoder, unet, image_scale=4.0)(z_t, t, c_image, ids)
+        fold_image_scale(unet, 4.0, 4)
+        saved = unet(torch.cat([z_t, c_image], dim=1), t, text_encoder(ids))
+    # measured max |Δ| = 0.0 (k = 4, a power of 2, scales exactly); the bound allows a k·W·c vs W·(k·c) rounding
+    # difference for other k or CPU kernels
+    torch.testing.assert_close(saved, trained, rtol=0, atol=1e-5)
+
+
+def test_weights_of_one_are_the_plain_loss():
+    """instruct_loss with w ≡ 1 is the paper's E‖ε − ε_θ‖² (the same draws: same generator seed)."""
+    config = tiny_config(8)
+    model = InstructEps(torch.nn.Embedding(100, 32), randomize(UNet(config.unet), seed=3).eval())
+    generator = torch.Generator().manual_seed(1)
+    data = EditData(torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator),
+                    torch.rand(6, 4, 8, 8, generator=generator), torch.randint(100, (6, 77), generator=generator),
+                    torch.zeros(77, dtype=torch.long))
+    cfg, schedule, index = InstructTrainConfig(), Schedule(ScheduleConfig()), torch.tensor([0, 3, 5, 1])
+    with torch.no_grad():
+        plain = instruct_loss(model, data, schedule, 0.5, index, cfg, torch.Generator().manual_seed(7))
+        ones = instruct_loss(model, data, schedule, 0.5, index, cfg, torch.Generator().manual_seed(7),
+                             torch.ones(1000))
+    torch.testing.assert_close(ones, plain, rtol=1e-6, atol=0)       # the same sum, grouped per example first
+
+
 def test_edit_pairs_change_one_attribute_and_keep_the_layout():
     assert instruction("colour", ("circle", "red", "blue"), "green") == "make the circle green"
     assert instruction("shape", ("circle", "red", "blue"), "square") == "turn it into a square"
@@ -84,6 +151,13 @@ def test_edit_pairs_change_one_attribute_and_keep_the_layout():
             assert torch.equal(changed_src, changed_tgt)
     again = edit_pairs("train", 30, seed=3)
     assert torch.equal(again[0], sources) and again[2] == edits                      # reproducible
+    # a data-parallel process's share: pairs i ≡ k (mod m), the very ones the whole set has at those places
+    for k in range(3):
+        part = edit_pairs("train", 30, seed=3, part=(k, 3))
+        assert torch.equal(part[0], sources[k::3]) and torch.equal(part[1], targets[k::3])
+        assert part[2] == edits[k::3]
+    with pytest.raises(ValueError, match="part"):
+        edit_pairs("train", 30, part=(3, 3))
 
 
 def test_heldout_edits_are_never_trained():
@@ -127,6 +201,24 @@ def test_two_steps_write_a_loadable_instruct_model(micro, tmp_path):
     assert edited.shape == (1, 64, 64, 3) and np.isfinite(edited).all()
 
 
+def test_half_copy_loads_as_the_same_model(micro, tmp_path):
+    """--half-copy-of: a float16 file, about half the size, that loads back (as float32) to weights within
+    float16's rounding (relative 2⁻¹¹) of the trained ones."""
+    base, vocabulary = micro
+    out = tmp_path / "m.safetensors"
+    train_instruct(micro_config(base, out), tokenizer=vocabulary, say=lambda *_: None)
+    half = tmp_path / "m16.safetensors"
+    assert train_main(["--half-copy-of", str(out), "--out", str(half)]) == 0
+    assert half.stat().st_size < 0.55 * out.stat().st_size
+    full, small = load_models(out), load_models(half)
+    assert small.config == full.config
+    for name, tensor in small.unet.state_dict().items():
+        reference = full.unet.state_dict()[name]
+        assert tensor.dtype == torch.float16
+        torch.testing.assert_close(tensor.float(), reference, rtol=2 ** -11, atol=6e-8)   # 6e-8: fp16 subnormals
+    assert train_main(["--half-copy-of", str(out), "--out", str(half)]) == 2         # exists: refused
+
+
 def test_existing_output_is_refused_without_force(micro, tmp_path, capsys):
     base, vocabulary = micro
     out = tmp_path / "model.safetensors"
@@ -147,6 +239,9 @@ def test_existing_output_is_refused_without_force(micro, tmp_path, capsys):
     ({"dropout": 0.5}, ValueError, ["dropout", "1/3"]),
     ({"steps": 0}, ValueError, ["steps", "≥ 1"]),
     ({"lr": -1.0}, ValueError, ["lr"]),
+    ({"snr_clip": 0.5}, ValueError, ["snr_clip", "≥ 1"]),
+    ({"image_input_scale": 0.0}, ValueError, ["image_input_scale"]),
+    ({"image_init": -0.1}, ValueError, ["image_init", "≥ 0"]),
 ])
 def test_bad_settings_fail_early(micro, tmp_path, changes, error, words):
     base, vocabulary = micro

@@ -114,20 +114,27 @@ def pair_images(edit: Edit, size: int, seed: int, index: int, split: str) -> tup
     return np.array(source), np.array(target)
 
 
-def edit_pairs(split: str, n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[Edit]]:
+def edit_pairs(split: str, n: int, size: int = 64, seed: int = 0, part: tuple[int, int] = (0, 1)
+               ) -> tuple[torch.Tensor, torch.Tensor, list[Edit]]:
     """n edit pairs of a split: sources and targets uint8 [n, 3, size, size] and their Edits.
 
     Pair i picks its edit uniformly from `allowed_edits(split)` (each kind about a third) with a Generator seeded
-    by (seed, split, i), so a pair never depends on which were drawn before it."""
+    by (seed, split, i), so a pair never depends on which were drawn before it. part = (k, m): only the pairs
+    i ≡ k (mod m) of the n, the same ones whoever asks (one process's share of a data-parallel run)."""
     if n < 1:
         raise ValueError(f"n={n}: ask for at least one edit pair")
+    k, m = part
+    if not 0 <= k < m:
+        raise ValueError(f"part={part!r}: give (k, m) with 0 ≤ k < m")
     edits = allowed_edits(split)
-    sources = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    indices = range(k, n, m)
+    sources = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
     targets = torch.empty_like(sources)
     chosen = []
-    for i in range(n):
+    for row, i in enumerate(indices):
         edit = edits[np.random.default_rng([seed, _SPLIT_NUMBER[split], i, 1]).integers(len(edits))]
         source, target = pair_images(edit, size, seed, i, split)
-        sources[i], targets[i] = torch.from_numpy(source).permute(2, 0, 1), torch.from_numpy(target).permute(2, 0, 1)
+        sources[row] = torch.from_numpy(source).permute(2, 0, 1)
+        targets[row] = torch.from_numpy(target).permute(2, 0, 1)
         chosen.append(edit)
     return sources, targets, chosen
