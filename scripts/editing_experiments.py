@@ -6,7 +6,8 @@
 (a) Hidden cases: `--cases` (shape, colour, background, new colour) drawn with a fixed seed (new colour ≠ colour,
     ≠ background), each with its own generation seed. For each, prompt-to-prompt from "a {colour} {shape} on a
     {background} background" to the same caption with the new colour (defaults: cross_replace 0.8, self_replace
-    0.4, guidance 7.5, DDIM), against the baseline: plain generation of the new caption from the same seed.
+    0.4, guidance 7.5, DDIM), against the baseline: plain generation of the new caption from the same seed at
+    the same guidance (before 2026-12-01 the baseline always used 7.5; the same thing at the default).
     A case succeeds when the checker reads the new colour in the edited image AND the shape mask of the edited
     image overlaps the source's with IoU ≥ 0.85. Target: ≥ 80 % of cases.
 (b) `--cases` freshly rendered (never generated) shape images, inverted under their own caption at `--steps`
@@ -71,8 +72,9 @@ def run_swap(pipe, n: int, steps: int, options: dict, case_seed: int = CASE_SEED
         source_prompt, target_prompt = caption(shape, colour, background), caption(shape, new, background)
         source, edited = editing.prompt_to_prompt(pipe, source_prompt, target_prompt, seed=seed, steps=steps,
                                                   **options)
+        plain = {key: value for key, value in options.items() if key == "guidance_scale"}   # the same sampling
         _, baseline = editing.prompt_to_prompt(pipe, source_prompt, target_prompt, seed=seed, steps=steps,
-                                               cross_replace=0, self_replace=0)
+                                               cross_replace=0, self_replace=0, **plain)
         source_mask, source_reading = shape_mask(source), check(source)
         counts["source_right"] += source_reading.matches(shape, colour, background)
         line = [f"{k:3d} {colour}→{new} {shape} on {background} (seed {seed}):"]

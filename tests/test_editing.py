@@ -116,6 +116,18 @@ def test_edit_touches_only_the_conditional_target_row():
     assert edit(None, "cross", None, None, None, probs) is None and edit(None, "self", None, None, None, probs) is None
 
 
+def test_edit_unconditional_also_edits_the_unconditional_target_row():
+    edit = PromptToPromptEdit(steps=10, cross_replace=0.5, self_replace=0.5, alignment=list(range(4)),
+                              weights=torch.ones(4), latent_size=(8, 8), unconditional=True)
+    probs = torch.rand(4, 2, 4, 4).softmax(-1)                          # [uncond src, uncond tgt, src, tgt]
+    for kind in ("cross", "self"):
+        out = edit(None, kind, None, None, None, probs)
+        assert torch.equal(out[0], probs[0]) and torch.equal(out[2], probs[2])     # the sources stay
+        assert torch.equal(out[1], probs[0]) and torch.equal(out[3], probs[2])     # each target takes its source's
+    two_rows = probs[2:]                                                # guidance 1: no unconditional rows
+    assert torch.equal(edit(None, "self", None, None, None, two_rows)[1], probs[2])
+
+
 def test_self_replace_share_picks_the_layers_whose_self_attention_is_copied():
     probs = torch.rand(4, 2, 16, 16).softmax(-1)                        # a 4×4 layer: 16 queries
     for share, copied in ((16, False), (4, True), (1, True)):           # 64 / 16 = 4 < 16 ≤ 64 / 4

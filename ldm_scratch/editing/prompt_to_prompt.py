@@ -85,7 +85,7 @@ class PromptToPromptEdit:
 
     def __init__(self, steps: int, cross_replace: float, self_replace: float, alignment: list[int],
                  weights: torch.Tensor, latent_size: tuple[int, int], blend_positions=None,
-                 self_replace_share: int = SELF_REPLACE_SHARE):
+                 self_replace_share: int = SELF_REPLACE_SHARE, unconditional: bool = False):
         self.cross_steps, self.self_steps = int(cross_replace * steps), int(self_replace * steps)
         self.source_index = torch.tensor([max(a, 0) for a in alignment])           # A(j), −1 → any (masked)
         self.aligned = torch.tensor([a >= 0 for a in alignment], dtype=torch.float32)   # 1 where A(j) exists
@@ -94,26 +94,36 @@ class PromptToPromptEdit:
         self.self_max_tokens = latent_size[0] * latent_size[1] // self_replace_share
         self.blend_positions = blend_positions         # (source positions, target positions) or None
         self.blend_maps: list[torch.Tensor] = []      # this step's word maps [2, h, w], one per cross layer
+        self.unconditional = unconditional              # also edit the unconditional rows (off: as the authors)
         self.step = 0
 
     def __call__(self, layer, kind, q, k, v, probs):
-        source, target = probs[-2], probs[-1]                                      # [heads, N, M] each
-        if kind == "cross":
-            if self.blend_positions is not None:
-                self._record_blend(source, target)
-            if self.step >= self.cross_steps:
-                return None
-            aligned = self.aligned.to(probs)
-            mapped = source[..., self.source_index.to(probs.device)]              # (M_t)_{i, A(j)}
-            edited = aligned * mapped + (1 - aligned) * target                    # new words keep (M*_t)_{i, j}
-            edited = edited * self.weights.to(probs)                              # reweighting: c_j · M̂*_t[:, j]
-        elif self.step < self.self_steps and probs.shape[2] <= self.self_max_tokens:
-            edited = source                                                       # the source's self-attention
-        else:
+        if kind == "cross" and self.blend_positions is not None:
+            self._record_blend(probs[-2], probs[-1])
+        pairs = [(-2, -1)]                                                         # the conditional source, target
+        if self.unconditional and probs.shape[0] == 4:
+            pairs.append((0, 1))                                                   # … and the unconditional pair
+        edited = [(row, self._edit(kind, probs[source], probs[row])) for source, row in pairs]
+        edited = [(row, rows) for row, rows in edited if rows is not None]
+        if not edited:
             return None
         probs = probs.clone()
-        probs[-1] = edited
+        for row, rows in edited:
+            probs[row] = rows
         return probs
+
+    def _edit(self, kind, source, target):
+        """The target's new maps [heads, N, M] from the source's and its own, or None to keep its own."""
+        if kind == "cross":
+            if self.step >= self.cross_steps:
+                return None
+            aligned = self.aligned.to(source)
+            mapped = source[..., self.source_index.to(source.device)]            # (M_t)_{i, A(j)}
+            edited = aligned * mapped + (1 - aligned) * target                    # new words keep (M*_t)_{i, j}
+            return edited * self.weights.to(source)                               # reweighting: c_j · M̂*_t[:, j]
+        if self.step < self.self_steps and source.shape[1] <= self.self_max_tokens:
+            return source                                                         # the source's self-attention
+        return None
 
     def _record_blend(self, source, target):
         size = feature_map_size(source.shape[1], *self.latent_size)
@@ -140,17 +150,21 @@ def prompt_to_prompt(pipe, source_prompt: str, target_prompt: str, *, seed: int 
                      guidance_scale: float = 7.5, cross_replace: float = 0.8, self_replace: float = 0.4,
                      reweight: dict | None = None, local_blend=None, inversion=None, negative_prompt: str = "",
                      height: int | None = None, width: int | None = None, output_type: str = "pil",
-                     self_replace_share: int = SELF_REPLACE_SHARE):
+                     self_replace_share: int = SELF_REPLACE_SHARE, edit_unconditional: bool = False):
     """Generate `source_prompt` and its edit `target_prompt` from the same noise; returns (source, edited) as
     `output_type` ("pil": two PIL images; "np"/"pt"/"latent": arrays/tensors with a batch of 1 each).
 
     cross_replace, self_replace: fractions of the steps (from the start) in which the target takes the source's
     cross- / self-attention (module docstring); self-attention only at layers with ≤ latent pixels /
     self_replace_share queries (the authors' 16 keeps the fine layers free; a small model with an 8×8 latent has no
-    such coarse layer, so there 4 or 1). reweight: {word: c} scales the target's attention to `word`.
+    such coarse layer, so there 4 or 1; on the bundled tiny model a colour swap keeps the outline best at
+    guidance_scale 3, cross_replace 0.4, self_replace 1.0, share 4: docs/p2p_swap.json).
+    reweight: {word: c} scales the target's attention to `word`.
     local_blend: a word or list of words (in either prompt) whose attention region is the only part that changes.
     inversion: an `editing.Inversion` of a real image: both start from its latents, use its steps, guidance and
     null-text embeddings, and `seed`, `steps`, `guidance_scale` are ignored.
+    edit_unconditional: also give the target's unconditional row of the guidance batch the source's maps (a departure
+    from the authors' code, which edits the conditional rows only; off by default).
     """
     for name, prompt in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
         if not isinstance(prompt, str) or not prompt.strip():
@@ -179,7 +193,7 @@ def prompt_to_prompt(pipe, source_prompt: str, target_prompt: str, *, seed: int 
         if not blend[0] and not blend[1]:
             raise ValueError(f"local_blend: none of {local_blend!r} is in either prompt")
     edit = PromptToPromptEdit(steps, cross_replace, self_replace, token_alignment(*ids), weights,
-                              tuple(noise.shape[-2:]), blend, self_replace_share)
+                              tuple(noise.shape[-2:]), blend, self_replace_share, bool(edit_unconditional))
     cond = encode_text(pipe, [source_prompt, target_prompt])
     with hooks(pipe.unet, edit):
         latents = denoise(pipe, noise.expand(2, -1, -1, -1).clone(), cond, uncond, steps, guidance_scale,
