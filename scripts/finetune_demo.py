@@ -25,8 +25,12 @@ The measure, fixed before the first run:
   Note (round 3): "60 class images cycling through the 150 old captions" are circles and squares only (the
   captions are ordered shape by shape); later recipes use 150, one per old caption.
 - Later recipes (RECIPES below, each with the run that led to it; --methods picks them) are experiments on this
-  fixed measure. Recipes tried so far: 8 (rounds 1–3); results in docs/finetune_demo_run{1,2,3}.json, round 3
-  with the per-shape breakdown of the old vocabulary (what the checker read instead of each old shape).
+  fixed measure. Rounds 1–3: 8 recipes, docs/finetune_demo_run{1,2,3}.json (round 3 with the per-shape breakdown
+  of the old vocabulary: what the checker read instead of each old shape). Round 4: every recipe after
+  dreambooth+pp150-unet, docs/finetune_demo_run4.json, one entry per invocation. Recipes were chosen by looking
+  at the graded numbers of the earlier ones (there is no separate validation set), so a recipe that meets the
+  targets is re-run with another training seed (--seed 1: the batches and the class images' noise change) and
+  both are reported.
 
 Writes runs/finetune_demo/<method>/ (data, checkpoints, outputs) and prints one table; --out to put it elsewhere.
 """
@@ -101,6 +105,9 @@ def show(table: dict[str, dict]) -> str:
 
 
 OLD_PROMPTS = " | ".join(caption(*c) for c in all_combinations())   # the class prompts: the old vocabulary
+# the old vocabulary with the squares and stars twice (150 + 60 prompts): the shapes that turned into crosses
+SQUARES_STARS_TWICE = OLD_PROMPTS + " | " + " | ".join(caption(*c) for c in all_combinations()
+                                                       if c[0] in ("square", "star"))
 
 # Every recipe tried, in order, with the run that led to it (the measure above never changed).
 RECIPES = {
@@ -125,6 +132,49 @@ RECIPES = {
     # 2's UNet-only recipe with the whole prior
     "dreambooth+pp150-unet": dict(method="dreambooth", train_text_encoder=False, lr=1e-4, num_class_images=150,
                                   class_prompt=OLD_PROMPTS),
+    # round 4 (run4.json). Rounds 1–3: training the text encoder teaches "cross" (70–85 %) but moves every old
+    # prompt's encoding (27–32 points lost even with the prior); freezing it keeps the old encodings but leaves
+    # "cross" at its never-trained row (40–55 %). Train only the row of "cross" (--train-words): every old prompt
+    # then encodes bit-identically and changes only through the UNet, which the prior guards.
+    # Custom Diffusion (Kumari et al. 2023): only the prompt's K, V projections of the UNet + the word's row
+    "custom-diffusion+pp150": dict(method="dreambooth", unet_params="cross-kv", train_words="cross", lr=5e-4,
+                                   num_class_images=150, class_prompt=OLD_PROMPTS),
+    # the whole UNet at round 2–3's lr + the word's row ("pivotal tuning" without a new token)
+    "dreambooth+pp150-unet+word": dict(method="dreambooth", train_words="cross", lr=1e-4, num_class_images=150,
+                                       class_prompt=OLD_PROMPTS),
+    # the same with the prior leaning on what is lost: squares and stars twice (210 class images) and λ = 2
+    "dreambooth+pp210sq-w2-unet+word": dict(method="dreambooth", train_words="cross", lr=1e-4,
+                                            num_class_images=210, class_prompt=SQUARES_STARS_TWICE,
+                                            prior_weight=2.0),
+    # after the three above (run4.json, 13:48): custom-diffusion+pp150 drew no held-out cross (0 %) yet lost 23.3
+    # points; the UNet + word recipes 45 % / 20.7 and 45 % / 20.0 — squares still became crosses (19 and 10 of
+    # 30) although the prior holds 30 (60) squares. Two suspects: the prior's target ε′ is noise whose variance
+    # swamps the small drift it should measure, and nothing trains the unconditional ε̂(x_t, ∅) that CFG at 7.5
+    # subtracts 6.5 times. So: the base model's own prediction as the prior's target (--prior-target model) and
+    # 10 % of the class items with the empty prompt (--prior-uncond 0.1); lr 3e-4 for the new word (45 % at 1e-4)
+    "dreambooth+distill150u-unet+word-lr3e-4": dict(method="dreambooth", train_words="cross", lr=3e-4,
+                                                    num_class_images=150, class_prompt=OLD_PROMPTS,
+                                                    prior_target="model", prior_uncond=0.1),
+    "dreambooth+distill150u-w3-unet+word-lr3e-4": dict(method="dreambooth", train_words="cross", lr=3e-4,
+                                                       num_class_images=150, class_prompt=OLD_PROMPTS,
+                                                       prior_target="model", prior_uncond=0.1, prior_weight=3.0),
+    # the same at round 2–3's lr 1e-4, to compare with dreambooth+pp150-unet+word (the prior's target the only change)
+    "dreambooth+distill150u-unet+word": dict(method="dreambooth", train_words="cross", lr=1e-4,
+                                             num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model",
+                                             prior_uncond=0.1),
+    # after those three (run4.json, 14:17): the distilled prior holds the old vocabulary (4.0 and 3.3 points lost,
+    # from 20.7 with ε′ at lr 1e-4) but the new word falls with it (50 %, 30 %; 70 % / 12.7 at λ = 1). The row of
+    # "cross" is the one thing no old prompt reads and no prior term holds: let it move faster (word lr 2e-2,
+    # from 5e-3), and give the instance term more steps against λ = 3
+    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2": dict(
+        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
+        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0),
+    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2-800": dict(
+        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
+        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0, steps=800),
+    # results (run4.json, 14:38 and 14:43): 400 steps 60 % / 4.7 points; 800 steps 90 % / 0.0 points (both targets
+    # met), but again with training seed 1 (--seed 1, 14:49) 65 % / 0.0 points: the old vocabulary held in both,
+    # the new word met its target with one seed of two
 }
 
 
@@ -132,6 +182,23 @@ def grade(pipe, heldout: list, old: list, seeds_new: list[int]) -> dict:
     new_read, old_read = readings(pipe, heldout, seeds_new), readings(pipe, old, [0])
     return {"new": accuracy(new_read), "old": accuracy(old_read), "new_by_shape": by_shape(new_read),
             "old_by_shape": by_shape(old_read)}
+
+
+def grade_base(out: Path, heldout: list, old: list, seeds_new: list[int]) -> dict:
+    """The base model's grade, kept in OUT/base.json and reused while the bundled model file and the prompts are
+    the same (its images are the same pixels every time: deterministic sampling from fixed seeds)."""
+    import hashlib
+    bundled = Path(__file__).resolve().parents[1] / "ldm_scratch" / "bundled" / "tiny-shapes.safetensors"
+    key = {"model_sha256": hashlib.sha256(bundled.read_bytes()).hexdigest(), "heldout": [list(c) for c in heldout],
+           "old": [list(c) for c in old], "seeds_new": seeds_new}
+    cache = out / "base.json"
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored["key"] == key:
+            return stored["graded"]
+    graded = grade(load_pipeline(fast=False), heldout, old, seeds_new)
+    cache.write_text(json.dumps({"key": key, "graded": graded}))
+    return graded
 
 
 def main() -> int:
@@ -146,6 +213,8 @@ def main() -> int:
     parser.add_argument("--grade-only", action="store_true",
                         help="train nothing: grade the outputs already in OUT/<recipe>/ (e.g. for the breakdown)")
     parser.add_argument("--record", default="", help="also append the results to this JSON file")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (not 0: the run is named RECIPE@seedN; the measure is unchanged)")
     args = parser.parse_args()
     unknown = [name for name in args.methods.split(",") if name not in RECIPES]
     if unknown:
@@ -157,31 +226,31 @@ def main() -> int:
     if args.smoke:
         heldout, old = heldout[:2], old[:2]
     seeds_new = [0] if args.smoke else [0, 1]
-    base = load_pipeline(fast=False)
-    results = {"base": grade(base, heldout, old, seeds_new)}
+    results = {"base": grade_base(out, heldout, old, seeds_new)}
     print(f"base model: new word {results['base']['new']:.0%}, old vocabulary {results['base']['old']:.1%}: "
           f"{show(results['base']['old_by_shape'])}", flush=True)
-    for name in args.methods.split(","):
-        recipe = dict(RECIPES[name])
+    for recipe_name in args.methods.split(","):
+        recipe = dict(RECIPES[recipe_name])
+        name = recipe_name if args.seed == 0 else f"{recipe_name}@seed{args.seed}"
         recipe_steps = 1 if args.smoke else recipe.pop("steps", args.steps)
         recipe.pop("steps", None)         # (--smoke)
         if args.smoke and "num_class_images" in recipe:
             recipe["num_class_images"] = 2
         cfg = FinetuneConfig(data=str(out / "data"), out_dir=str(out / name), steps=recipe_steps, batch=8,
-                             force=True, checkpoint_every=100, **recipe)
+                             force=True, checkpoint_every=100, seed=args.seed, **recipe)
         seconds, loss = None, None
         if not args.grade_only:
             shutil.rmtree(cfg.out_dir, ignore_errors=True)   # a fresh run: its time includes the class images
             start = time.time()
             result = finetune(cfg, resume=False)
             seconds, loss = time.time() - start, float(np.mean(result["loss"][-20:]))
-        if name.startswith("lora"):           # graded as a user gets it: the file, loaded by the pipeline
+        if cfg.method == "lora":              # graded as a user gets it: the file, loaded by the pipeline
             pipe = load_pipeline(fast=False)
             pipe.load_lora(cfg.output)
         else:
             pipe = load_pipeline(cfg.output, fast=False)
         graded = grade(pipe, heldout, old, seeds_new)
-        results[name] = {"recipe": {**recipe, "steps": recipe_steps, "batch": 8}, **graded,
+        results[name] = {"recipe": {**recipe, "steps": recipe_steps, "batch": 8, "seed": args.seed}, **graded,
                          "drop_points": 100 * (results["base"]["old"] - graded["old"]), "train_seconds": seconds,
                          "final_loss": loss}
         trained = f"trained in {seconds:.0f} s" if seconds is not None else "graded again"

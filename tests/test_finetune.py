@@ -9,7 +9,7 @@ from ldm_scratch.cli import main
 from ldm_scratch.data.shapes import caption, render
 from ldm_scratch.pipeline import load_pipeline
 from ldm_scratch.training.finetune import FinetuneConfig, finetune
-from ldm_scratch.training.lora_training import LoraLayers
+from ldm_scratch.training.lora_training import LoraLayers, context_kv_names
 from pipeline_fixtures import write_tiny_checkpoint, write_vocabulary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,6 +125,67 @@ def test_dreambooth_with_prior_preservation(setup, tmp_path):
     assert not torch.equal(eps(loaded), eps(base))
 
 
+def test_custom_diffusion_moves_only_kv_and_the_word(setup, tmp_path):
+    """--unet-params cross-kv --train-words square: of the UNet only the prompt's W_k, W_v change, of the text
+    encoder only the row of "square", so a prompt without "square" encodes bit for bit as before."""
+    cfg = config(setup, tmp_path, "dreambooth", unet_params="cross-kv", train_words="square", lr=0.05, word_lr=0.05,
+                 class_prompt="a red circle on a blue background", num_class_images=2)
+    result = finetune(cfg)
+    base = load_pipeline(setup["checkpoint"], tokenizer=setup["tokenizer"], fast=False)
+    loaded = load_pipeline(result["output"], tokenizer=setup["tokenizer"], fast=False)
+    kv = {f"{name}.weight" for name in context_kv_names(base.unet)}
+    assert kv and all(".cross_attn.to_k." in k or ".cross_attn.to_v." in k for k in kv)
+    before, after = base.unet.state_dict(), loaded.unet.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == kv       # every K, V moved; nothing else
+    before, after = base.text_encoder.state_dict(), loaded.text_encoder.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == ["token_embedding.weight"]
+    square = base.tokenizer.encode("square")
+    changed = (before["token_embedding.weight"] != after["token_embedding.weight"]).any(1).nonzero().flatten()
+    assert changed.tolist() == square
+    old, new = "a red circle on a blue background", "a red square on a blue background"
+    assert torch.equal(base.encode_prompt(old)[0], loaded.encode_prompt(old)[0])
+    assert not torch.equal(base.encode_prompt(new)[0], loaded.encode_prompt(new)[0])
+
+
+def test_lora_on_the_prompts_kv_only(setup, tmp_path):
+    """--lora-targets cross-kv: an adapter on exactly the layers that project the prompt to K and V."""
+    result = finetune(config(setup, tmp_path, "lora", lora_targets="cross-kv", lr=0.05))
+    pipe = result["pipe"]
+    layers = LoraLayers({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, 2, 2.0, "cross-kv", False)
+    assert sorted(name for _, name, _ in layers.layers.values()) == sorted(context_kv_names(pipe.unet))
+    keys = load_file(str(result["output"]))
+    assert len(keys) == 3 * len(context_kv_names(pipe.unet))                       # down, up, alpha each
+    fresh = load_pipeline(setup["checkpoint"], tokenizer=setup["tokenizer"], fast=False)
+    base = eps(fresh)
+    fresh.load_lora(result["output"])
+    assert (eps(fresh) - eps(pipe)).abs().max() < 2e-5 and (eps(fresh) - base).abs().max() > 0
+
+
+def test_prior_target_model_and_uncond(setup, tmp_path, monkeypatch):
+    """--prior-target model: the class half's target is the frozen base model's own ε̂, so at the first step (the model
+    still the base) its loss is 0 up to float rounding; --prior-uncond 1: every class item gets the empty prompt."""
+    from ldm_scratch.training import finetune as module
+    seen = []
+    forward = module.Denoiser.forward
+    monkeypatch.setattr(module.Denoiser, "forward",
+                        lambda self, z, t, ids: seen.append(ids) or forward(self, z, t, ids))
+    options = dict(class_prompt="a red circle on a blue background", num_class_images=2, lr=0.05)
+    distilled = finetune(config(setup, tmp_path / "model", "dreambooth", prior_target="model", prior_uncond=1.0,
+                                **options))
+    noise = finetune(config(setup, tmp_path / "noise", "dreambooth", **options))
+    # the same weights on the same inputs, in a batch of 2 (teacher) vs 4 (student): measured 5.8e-13, against 1.3
+    # for the noise target (ε′ ~ N(0, I) vs ε̂)
+    assert distilled["prior_loss"][0] < 1e-9 and noise["prior_loss"][0] > 0.1
+    empty = load_pipeline(setup["checkpoint"], tokenizer=setup["tokenizer"], fast=False).tokenizer([""])[0]
+    student = [ids for ids in seen[:6] if len(ids) == 4]           # distilled run: [instance ×2; class ×2] per step
+    assert len(student) == 3 and all(torch.equal(row, empty) for ids in student for row in ids[2:])
+    assert not any(torch.equal(row, empty) for ids in student for row in ids[:2])
+    with pytest.raises(ValueError, match="--prior-target 'images'"):
+        config(setup, tmp_path, "dreambooth", prior_target="images")
+    with pytest.raises(ValueError, match="--prior-uncond 2"):
+        config(setup, tmp_path, "dreambooth", prior_uncond=2.0)
+
+
 def test_lora_with_prior_preservation(setup, tmp_path):
     """The prior term reaches LoRA too: the class half of each batch changes the trained adapters."""
     cfg = config(setup, tmp_path, "lora", class_prompt="a red circle on a blue background | a green star on a "
@@ -144,7 +205,8 @@ def test_lora_with_prior_preservation(setup, tmp_path):
 
 @pytest.mark.parametrize("method,options", [("lora", {}),
                                             ("textual-inversion", dict(token="<x>", init_word="red", instance_prompt="a <x>")),
-                                            ("dreambooth", {})])
+                                            ("dreambooth", {}),
+                                            ("dreambooth", dict(unet_params="cross-kv", train_words="square"))])
 def test_resume_gives_the_uninterrupted_result(setup, tmp_path, method, options):
     options = {**options, "data": setup["plain"]} if "instance_prompt" in options else options
     whole = finetune(config(setup, tmp_path / "a", method, steps=4, **options))
@@ -246,6 +308,14 @@ def test_other_recipe_on_resume_and_bad_options_are_refused(setup, tmp_path, mon
         config(setup, tmp_path, "lora", steps=0)
     with pytest.raises(ValueError, match="--class-prompt .* is for --method dreambooth or lora"):
         config(setup, tmp_path, "textual-inversion", token="<x>", init_word="red", class_prompt="a square")
+    with pytest.raises(ValueError, match="--unet-params 'kv'"):
+        config(setup, tmp_path, "dreambooth", unet_params="kv")
+    with pytest.raises(ValueError, match="--unet-params cross-kv is for --method dreambooth"):
+        config(setup, tmp_path, "lora", unet_params="cross-kv")
+    with pytest.raises(ValueError, match="--train-words is for --method dreambooth"):
+        config(setup, tmp_path, "lora", train_words="square")
+    with pytest.raises(ValueError, match="give one of the two"):
+        config(setup, tmp_path, "dreambooth", train_words="square", train_text_encoder=True)
     with pytest.raises(ValueError, match="the rank must be at least 1"):
         finetune(config(setup, tmp_path / "rank", "lora", lora_rank=0))
     with pytest.raises(ValueError, match="already a token"):   # "square" is one token of the vocabulary

@@ -10,6 +10,12 @@ and differ only in which numbers θ may move:
     textual-inversion  the new word's rows of the token table, v* (Gal et al. 2022, eq 2); every
                        other row is frozen by zeroing its gradient                              → embedding file
     dreambooth         the whole UNet (+ the text encoder with --train-text-encoder) (Ruiz et al.) → full model
+                       or only its prompt K, V projections, --unet-params cross-kv (Custom Diffusion)
+
+--train-words WORDS (dreambooth) also trains the token-table rows of those words and nothing else of the text
+encoder (Kumari et al. 2023 train the new word's row with the K, V; "pivotal tuning" pairs the same with a UNet
+update). Every prompt without those words then encodes bit-identically to the base model, c = τ(y) unchanged, so
+an old prompt can change only through the UNet — and prior preservation is what guards the UNet.
 
 DreamBooth's prior preservation keeps the class the new pictures belong to from collapsing onto them: with
 --class-prompt, the model's own pictures of the class (generated before training, finetune_data.class_images)
@@ -17,10 +23,23 @@ are trained on alongside, each batch holding both halves:
 
     L = ‖ε − ε̂(x_t, c_inst)‖² + λ ‖ε′ − ε̂(x_t^pr, c_class)‖²                     (Ruiz et al. 2023, eq 2; λ = --prior-weight)
 
+--prior-target model replaces the drawn noise ε′ of the class half by what the model said before fine-tuning,
+ε_θ₀(x_t^pr, t, c_class) (a frozen copy): the same minimiser as ε′ where the base model is the best denoiser of
+its own pictures (E[ε′ | x_t^pr] = ε_θ₀), but without ε′'s variance, so each step measures the drift itself
+(distillation, as in "learning without forgetting", Li & Hoiem 2016).
+
+--prior-uncond p gives a fraction p of the class items the empty prompt ∅: the unconditional ε̂(x_t, ∅) that
+classifier-free guidance subtracts, ε̃ = ε̂_∅ + w(ε̂_c − ε̂_∅), is never trained by a fine-tune otherwise, and a
+drift δ of ε̂_∅ moves every prompt's guided ε̃ by −(w − 1)δ (−6.5δ at w = 7.5).
+
 The same term works for LoRA (same code path: only θ differs): a LoRA trained on twenty pictures of one thing
 otherwise learns "draw that thing" for every prompt (scripts/finetune_demo.py: 50.7 points of the old vocabulary
 lost without the prior, docs/finetune_demo_run1.json; 26.0 with it, run3.json).
 Textual inversion needs none: it moves only the new word's rows, which no other prompt reads.
+
+Custom Diffusion (Kumari et al. 2023, §3.1) moves only W_k, W_v of the attentions that read the prompt,
+K = W_k c and V = W_v c: the rest of the UNet turns whatever the text makes of the latent into pixels, and is
+kept as it is (--unet-params cross-kv; for LoRA, --lora-targets cross-kv).
 
 The run lives in --out: `ckpt.safetensors` (the trainable tensors, AdamW's state, every rank's generator, the
 losses and this FinetuneConfig — state.py's format, no pickle), the class images, and at the end the output
@@ -30,6 +49,7 @@ in train.py.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -46,12 +66,15 @@ from ..diffusion import eps_loss
 from ..files import replacing
 from .dataset import to_model_range
 from .finetune_data import class_images, image_files, load_folder, read_captions
-from .lora_training import TARGET_PRESETS, LoraLayers
+from .finetune_params import prepare_method
+from .lora_training import TARGET_PRESETS
 from .run import CKPT_NAME, setup_distributed, wrap
 from .state import load_state, save_state
 
 METHODS = ("lora", "textual-inversion", "dreambooth")
 DEFAULT_LR = {"lora": 1e-3, "textual-inversion": 5e-3, "dreambooth": 1e-4}
+PRIOR_TARGETS = ("noise", "model")  # --prior-target: the drawn ε′, or the base model's prediction ε_θ₀
+UNET_PARAMS = ("all", "cross-kv")   # --unet-params of dreambooth: every UNet weight, or the prompt's K, V only
 LORA_FORMATS = ("kohya", "diffusers")
 UNSAFE_IN_NAMES = '<>:"/\\|?*'      # characters a file name cannot hold on some systems
 SAFE_ON_RESUME = ("out_dir", "progress", "device", "checkpoint_every", "force")
@@ -82,10 +105,15 @@ class FinetuneConfig:
     num_vectors: int = 1
     # dreambooth
     train_text_encoder: bool = False
+    unet_params: str = "all"           # an UNET_PARAMS name: which UNet weights train
+    train_words: str = ""              # words (comma-separated) whose token rows train, the text encoder else frozen
+    word_lr: float = 0.0               # their learning rate (0: DEFAULT_LR["textual-inversion"])
     # prior preservation (dreambooth and lora)
     class_prompt: str = ""
     num_class_images: int = 50
     prior_weight: float = 1.0
+    prior_target: str = "noise"        # a PRIOR_TARGETS name: ε′ (Ruiz et al.) or the base model's ε̂ (distillation)
+    prior_uncond: float = 0.0          # fraction of class items trained with the empty prompt instead
     class_dir: str = ""                # "": OUT/class_images
     # bookkeeping
     checkpoint_every: int = 100
@@ -108,6 +136,21 @@ class FinetuneConfig:
         if self.method == "textual-inversion" and not (self.token and self.init_word):
             raise ValueError("textual inversion needs --token (the new word, e.g. '<cross>') and --init-word (a "
                              "word it starts from, e.g. 'square')")
+        if self.unet_params not in UNET_PARAMS:
+            raise ValueError(f"--unet-params {self.unet_params!r}: choose one of {', '.join(UNET_PARAMS)}")
+        if self.unet_params != "all" and self.method != "dreambooth":
+            raise ValueError(f"--unet-params {self.unet_params} is for --method dreambooth (for LoRA: "
+                             f"--lora-targets {self.unet_params})")
+        if self.train_words and self.method != "dreambooth":
+            raise ValueError("--train-words is for --method dreambooth, whose output file (a whole model) carries "
+                             "the changed rows; a LoRA or embedding file has no place for rows of existing words")
+        if self.train_words and self.train_text_encoder:
+            raise ValueError("--train-words trains only those words' rows of the text encoder, --train-text-encoder "
+                             "all of it: give one of the two")
+        if self.prior_target not in PRIOR_TARGETS:
+            raise ValueError(f"--prior-target {self.prior_target!r}: choose one of {', '.join(PRIOR_TARGETS)}")
+        if not 0.0 <= self.prior_uncond <= 1.0:
+            raise ValueError(f"--prior-uncond {self.prior_uncond}: a fraction, from 0 to 1")
         if self.class_prompt and self.method == "textual-inversion":
             raise ValueError("--class-prompt (prior preservation) is for --method dreambooth or lora: textual "
                              "inversion moves only the new word's rows, which no class prompt reads")
@@ -115,6 +158,10 @@ class FinetuneConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr or DEFAULT_LR[self.method]
+
+    @property
+    def words(self) -> list[str]:
+        return [w.strip() for w in self.train_words.split(",") if w.strip()]
 
     @property
     def output(self) -> Path:
@@ -170,51 +217,6 @@ class Denoiser(nn.Module):
         return self.unet(z_t, t, self.text_encoder(input_ids))   # [B, 4, h, w]
 
 
-def prepare_method(cfg: FinetuneConfig, pipe) -> tuple[dict[str, nn.Module], list[nn.Parameter], nn.Module | None]:
-    """Freeze the model and make the method's parameters trainable: ({name: module whose state is saved},
-    the parameters to optimise, an extra module for Denoiser)."""
-    pipe.text_encoder.requires_grad_(False), pipe.unet.requires_grad_(False), pipe.vae.requires_grad_(False)
-    torch.manual_seed(cfg.seed)                                  # the LoRA's A: the same on every rank
-    if cfg.method == "lora":
-        layers = LoraLayers({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, cfg.lora_rank,
-                            cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets, cfg.lora_text_encoder)
-        layers.attach()
-        return {"unet": layers}, list(layers.parameters()), layers
-    if cfg.method == "textual-inversion":
-        table = add_word(pipe, cfg.token, cfg.init_word, cfg.num_vectors)
-        return {"text_encoder": pipe.text_encoder.token_embedding}, [table], None
-    pipe.unet.requires_grad_(True)
-    trained = {"unet": pipe.unet}
-    if cfg.train_text_encoder:
-        pipe.text_encoder.requires_grad_(True)
-        trained["text_encoder"] = pipe.text_encoder
-    return trained, [p for m in trained.values() for p in m.parameters()], None
-
-
-def add_word(pipe, token: str, init_word: str, n_vectors: int) -> nn.Parameter:
-    """Add `token` as n new rows of E_tok, each starting at the mean embedding of `init_word`'s tokens; only those
-    rows learn: a gradient hook zeroes ∂L/∂E_tok[:V] (V = the original rows), and AdamW runs without weight decay,
-    so a frozen row's update, lr · m̂/(√v̂ + ε) with m̂ = 0, is exactly 0."""
-    from ..textual_inversion import Embedding, _embeddings, check_word
-    special = (pipe.tokenizer.bos_id, pipe.tokenizer.eos_id, pipe.tokenizer.pad_id)
-    ids = [int(i) for i in pipe.tokenizer([init_word])[0] if int(i) not in special]
-    if not ids:
-        raise ValueError(f"--init-word {init_word!r} has no tokens; give a word such as 'square'")
-    table = pipe.text_encoder.token_embedding.weight
-    start = table.detach()[ids].mean(0, keepdim=True).repeat(n_vectors, 1)      # [n, D]
-    embedding = Embedding(token.lower(), start.clone())
-    check_word(embedding, pipe.tokenizer, pipe.text_encoder.config.width, "--token")
-    embeddings = _embeddings(pipe)
-    embeddings.loaded[embedding.word] = embedding
-    embeddings.install(pipe.tokenizer, pipe.text_encoder)
-    weight = pipe.text_encoder.token_embedding.weight                           # [V + n, D]
-    weight.requires_grad_(True)
-    frozen = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
-    frozen[embeddings.base_rows:] = 1
-    weight.register_hook(lambda grad: grad * frozen)                            # ∂L/∂E_tok[:V] = 0
-    return weight
-
-
 @torch.no_grad()
 def encode(pipe, images: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The posterior q(z|x) = N(μ, σ²) of each image, (μ, σ) [N, 4, h, w], computed once."""
@@ -257,12 +259,16 @@ def finetune(cfg: FinetuneConfig, resume: bool = True, stop_at: int | None = Non
         if world_size > 1:
             dist.barrier()
         prior = class_images(pipe, folder, cfg.class_prompt, cfg.num_class_images, cfg.seed, progress=False)
-    saved, parameters, extra = prepare_method(cfg, pipe)
+    teacher = None
+    if prior is not None and cfg.prior_target == "model":   # ε_θ₀: the model as it is now, frozen (before any hook)
+        teacher = Denoiser(copy.deepcopy(pipe.text_encoder), copy.deepcopy(pipe.unet)).requires_grad_(False)
+    saved, groups, extra = prepare_method(cfg, pipe, DEFAULT_LR["textual-inversion"])
+    parameters = [p for group in groups for p in group["params"]]
     data = dict(zip(("mean", "std"), encode(pipe, images, device)), ids=pipe.tokenizer(captions))
-    prior_data = dict(zip(("mean", "std"), encode(pipe, prior[0], device)), ids=pipe.tokenizer(prior[1])) \
-        if prior else None
+    prior_data = dict(zip(("mean", "std"), encode(pipe, prior[0], device)), ids=pipe.tokenizer(prior[1]),
+                      empty=pipe.tokenizer([""]).to(device)) if prior else None
     model = wrap(Denoiser(pipe.text_encoder, pipe.unet, extra), world_size, device)
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     history, step = {"loss": [], "prior_loss": []}, 0
     if state is not None:
@@ -280,9 +286,16 @@ def finetune(cfg: FinetuneConfig, resume: bool = True, stop_at: int | None = Non
         z_t, t, ids, target = draw_batch(data, per_rank, scale, schedule, generator, device)
         if prior_data is not None:            # one forward over both halves: [instance; class]
             pz, pt, pids, ptarget = draw_batch(prior_data, per_rank, scale, schedule, generator, device)
+            if cfg.prior_uncond > 0:          # some class items with ∅, the prompt CFG's unconditional half reads
+                drop = torch.rand(per_rank, generator=generator) < cfg.prior_uncond
+                pids = torch.where(drop[:, None].to(device), prior_data["empty"], pids)
+            if teacher is not None:           # the target ε_θ₀(x_t^pr, t, c) instead of the drawn ε′
+                with torch.no_grad():
+                    ptarget = teacher(pz, pt, pids)
             pred = model(torch.cat([z_t, pz]), torch.cat([t, pt]), torch.cat([ids, pids]))
             loss_inst, loss_prior = eps_loss(target, pred[:per_rank]), eps_loss(ptarget, pred[per_rank:])
-            loss = loss_inst + cfg.prior_weight * loss_prior  # L = ‖ε − ε̂(x_t, c_inst)‖² + λ‖ε′ − ε̂(x_t^pr, c_cls)‖²
+            # L = ‖ε − ε̂(x_t, c_inst)‖² + λ‖ε′ − ε̂(x_t^pr, c_cls)‖²  (prior target model: ε′ → ε_θ₀(x_t^pr, t, c_cls))
+            loss = loss_inst + cfg.prior_weight * loss_prior
             history["prior_loss"].append(loss_prior.item())
         else:
             loss = loss_inst = eps_loss(target, model(z_t, t, ids))   # L = ‖ε − ε_θ(z_t, t, c)‖²

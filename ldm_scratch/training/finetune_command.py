@@ -7,7 +7,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .finetune import DEFAULT_LR, LORA_FORMATS, METHODS, FinetuneConfig
+    from .finetune import DEFAULT_LR, LORA_FORMATS, METHODS, PRIOR_TARGETS, UNET_PARAMS, FinetuneConfig
     from .lora_training import TARGET_PRESETS
     d = FinetuneConfig(method="lora", data="", out_dir="")
     parser.add_argument("--method", required=True, choices=METHODS)
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-rank", type=int, default=d.lora_rank)
     lora.add_argument("--lora-alpha", type=float, default=0.0, help="α (default: the rank, so α/r = 1)")
     lora.add_argument("--lora-targets", default=d.lora_targets, choices=tuple(TARGET_PRESETS),
-                      help="UNet layers: attention q/k/v/out, the whole transformer blocks, or every layer (LoCon)")
+                      help="UNet layers: attention q/k/v/out, the whole transformer blocks, every layer (LoCon), "
+                           "or only the K and V projections of the prompt (cross-kv, as Custom Diffusion)")
     lora.add_argument("--lora-text-encoder", action="store_true", help="also the text encoder's attention and MLP")
     lora.add_argument("--lora-format", default=d.lora_format, choices=LORA_FORMATS,
                       help="kohya (web UI, ComfyUI; default) or diffusers (load_lora_weights)")
@@ -37,11 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ti.add_argument("--num-vectors", type=int, default=d.num_vectors)
     db = parser.add_argument_group("DreamBooth")
     db.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+    db.add_argument("--unet-params", default=d.unet_params, choices=UNET_PARAMS,
+                    help="UNet weights that train: all, or only the prompt's K and V projections (cross-kv: "
+                         "Custom Diffusion, Kumari et al. 2023)")
+    db.add_argument("--train-words", default="", help="also train these words' token rows (comma-separated, e.g. "
+                    "'cross'), the rest of the text encoder frozen: prompts without them encode as before")
+    db.add_argument("--word-lr", type=float, default=0.0,
+                    help=f"learning rate of those rows (default {DEFAULT_LR['textual-inversion']:g})")
     prior = parser.add_argument_group("prior preservation (DreamBooth and LoRA)")
     prior.add_argument("--class-prompt", default="", help="prior preservation: the class, e.g. 'a red shape' "
                        "(several: 'a red circle | a blue star', used in turn)")
     prior.add_argument("--num-class-images", type=int, default=d.num_class_images)
     prior.add_argument("--prior-weight", type=float, default=d.prior_weight, help="λ of the prior-preservation loss")
+    prior.add_argument("--prior-target", default=d.prior_target, choices=PRIOR_TARGETS,
+                       help="what the class half learns: the drawn noise (DreamBooth) or the base model's own "
+                            "prediction (model: distillation, keeps the old prompts' outputs)")
+    prior.add_argument("--prior-uncond", type=float, default=d.prior_uncond,
+                       help="fraction of class items trained with the empty prompt (CFG's unconditional half)")
     prior.add_argument("--class-dir", default="",
                        help="where class images are generated and reused (OUT/class_images)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)

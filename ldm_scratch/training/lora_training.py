@@ -28,14 +28,30 @@ from torch import nn
 
 from ..checkpoint.lora_keys import diffusers_unet_module, kohya_name, transformers_text_module
 
-# --lora-targets NAME → which layers of the UNet get a LoRA (a regular expression on our module names); the text
-# encoder's (--lora-text-encoder) are its attention projections and MLP.
+# --lora-targets NAME → which layers of the UNet get a LoRA (a regular expression on our module names, or
+# "cross-kv": the layers context_kv_names finds); the text encoder's (--lora-text-encoder) are its attention
+# projections and MLP.
 TARGET_PRESETS = {
     "attention": r"\.(self_attn|cross_attn)\.(to_q|to_k|to_v|to_out)$",           # the usual LoRA targets
     "transformer": r"\.(self_attn\.|cross_attn\.|ff\.|proj_in$|proj_out$)",        # + the MLPs and projections
     "all": r".",                                                                   # every Linear and Conv2d (LoCon)
+    "cross-kv": None,           # only the K and V projections of the prompt (Custom Diffusion, Kumari et al. 2023)
 }
 TEXT_TARGETS = r"\.(attn\.(q|k|v|out)|mlp\.(fc1|fc2))$"
+
+
+def context_kv_names(unet: nn.Module) -> list[str]:
+    """The UNet's layers that read the prompt: W_k and W_v of every attention whose keys and values come from the
+    context, K = W_k c, V = W_v c (c [B, 77, D] the text encoder's output). Everything else in the UNet sees the
+    prompt only through what these produce, so a change to them alone reaches an old prompt only through its own
+    tokens' c (Kumari et al. 2023, Custom Diffusion §3.1: "cross-attention K, V" are what fine-tuning moves most).
+    A block with self_attends=False cross-attends in its first attention too: its K, V are included."""
+    names = []
+    for name, module in unet.named_modules():
+        if hasattr(module, "cross_attn") and hasattr(module, "self_attends"):      # spatial_transformer's block
+            attentions = ["cross_attn"] if module.self_attends else ["self_attn", "cross_attn"]
+            names += [f"{name}.{a}.{p}" for a in attentions for p in ("to_k", "to_v")]
+    return names
 
 
 class LoraAdapter(nn.Module):
@@ -71,14 +87,16 @@ class LoraLayers(nn.Module):
         if unet_targets not in TARGET_PRESETS:
             raise ValueError(f"--lora-targets {unet_targets!r}: choose one of {', '.join(TARGET_PRESETS)}")
         patterns = {"unet": TARGET_PRESETS[unet_targets], "text_encoder": TEXT_TARGETS if text_encoder else None}
+        chosen = {"unet": set(context_kv_names(networks["unet"])) if unet_targets == "cross-kv" else None}
         self.adapters = nn.ModuleDict()
         self.layers: dict[str, tuple[str, str, nn.Module]] = {}       # key → (network, our name, the layer)
         self.n_levels = len(networks["unet"].config.channel_mult)
         for network, pattern in patterns.items():
-            if pattern is None:
+            if pattern is None and chosen.get(network) is None:
                 continue
             for name, layer in networks[network].named_modules():
-                if isinstance(layer, (nn.Linear, nn.Conv2d)) and re.search(pattern, name):
+                wanted = name in chosen[network] if chosen.get(network) is not None else re.search(pattern, name)
+                if isinstance(layer, (nn.Linear, nn.Conv2d)) and wanted:
                     key = f"{network}:{name.replace('.', '|')}"
                     self.adapters[key] = LoraAdapter(layer, rank, alpha)
                     self.layers[key] = (network, name, layer)
