@@ -4,7 +4,8 @@ PyTorch's CPU convolution hands the weight [C_out, C_in, k, k] to oneDNN, which 
 layout its kernel reads (e.g. 16 output × 16 input channels per block) and only then convolves. For the UNet at 512²
 that copy is paid 98 times per step, on 589 M weights: measured here (2 cores, AVX-512 BF16), one 3×3
 convolution 1280 → 1280 at 16×16 took 44 ms with the weight as it is and 32 ms with the weight packed beforehand,
-320 → 320 at 64×64 42.6 ms vs 32.7 ms (bfloat16, channels_last; the outputs were identical).
+320 → 320 at 64×64 42.6 ms vs 32.7 ms (bfloat16, channels_last; the outputs were identical). Over a whole bf16
+UNet step the convolutions took 2.20 s plain and 2.00 s packed (profile, README "bfloat16 on a CPU").
 
     y = W ⋆ x + b   (convolution),   y = x Wᵀ + b   (linear)
                     the same equations; only where W's numbers sit in memory changes
@@ -14,12 +15,11 @@ linear layers run through MKL, which does not, so they are left alone. Whole SD 
 bfloat16 (scripts/benchmark.py --prepack): see the README's "bfloat16 on a CPU" for the measured ratios.
 
 `prepack(unet)` switches every nn.Conv2d of a network to `PackedConv2d` and every nn.Linear to `PackedLinear`
-(the class only: parameters,
-state_dict keys, `.to()` and training are untouched). On the first inference call each layer packs its weight for
+(the class only: parameters, state_dict keys, `.to()` and training are untouched). On the first inference call each layer packs its weight for
 the input's shape and keeps the packed copy beside the module; the copy is made again when the weight changes
 (a LoRA merged or unloaded, `.to(dtype)`, an in-place edit: the weight's identity, storage and version counter are
 checked at every call). With autograd recording, on another device, or for padding modes oneDNN does not take,
-the layer runs nn.Conv2d's own forward.
+the layer runs nn.Conv2d's (nn.Linear's) own forward.
 
 The cost is memory: one more copy of the packed weights (the SD UNet's 589 M convolution and 270 M linear
 weights: +1.6 GiB in bfloat16; +2.2 GiB in float32, convolutions only). That is why it is an option
