@@ -50,30 +50,40 @@ def prepare_method(cfg, pipe, word_lr_default: float
     return trained, groups, None
 
 
-def train_rows(pipe, words: list[str]) -> nn.Parameter:
-    """Let only the rows of E_tok that `words` are made of learn: as in add_word, a gradient hook zeroes every other
-    row's ∂L/∂E_tok, so with AdamW without weight decay they stay bit-identical, and so does τ(y) of any prompt
-    without these words (causal attention: even the tokens before them in a prompt that has them)."""
+def word_ids(pipe, text: str) -> list[int]:
+    """The token ids `text` is made of, without the start/end/padding tokens."""
     special = (pipe.tokenizer.bos_id, pipe.tokenizer.eos_id, pipe.tokenizer.pad_id)
-    weight = pipe.text_encoder.token_embedding.weight                           # E_tok [V, D]
+    return [int(i) for i in pipe.tokenizer([text])[0] if int(i) not in special]
+
+
+def only_rows_learn(weight: nn.Parameter, rows) -> nn.Parameter:
+    """Make E_tok trainable but let only `rows` (indices or a slice) learn: a gradient hook zeroes every other row's
+    ∂L/∂E_tok, and with AdamW without weight decay a frozen row's update, lr · m̂/(√v̂ + ε) with m̂ = 0, is exactly 0."""
     mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
-    for word in words:
-        ids = [int(i) for i in pipe.tokenizer.encode(word) if int(i) not in special]
-        if not ids:
-            raise ValueError(f"--train-words: {word!r} has no tokens")
-        mask[ids] = 1
+    mask[rows] = 1
     weight.requires_grad_(True)
     weight.register_hook(lambda grad: grad * mask)                              # ∂L/∂E_tok[other rows] = 0
     return weight
 
 
+def train_rows(pipe, words: list[str]) -> nn.Parameter:
+    """Let only the rows of E_tok that `words` are made of learn (only_rows_learn): they stay bit-identical, and so
+    does τ(y) of any prompt without these words (causal attention: even the tokens before them in a prompt that
+    has them)."""
+    rows = []
+    for word in words:
+        ids = word_ids(pipe, word)
+        if not ids:
+            raise ValueError(f"--train-words: {word!r} has no tokens")
+        rows += ids
+    return only_rows_learn(pipe.text_encoder.token_embedding.weight, rows)      # E_tok [V, D]
+
+
 def add_word(pipe, token: str, init_word: str, n_vectors: int) -> nn.Parameter:
     """Add `token` as n new rows of E_tok, each starting at the mean embedding of `init_word`'s tokens; only those
-    rows learn: a gradient hook zeroes ∂L/∂E_tok[:V] (V = the original rows), and AdamW runs without weight decay,
-    so a frozen row's update, lr · m̂/(√v̂ + ε) with m̂ = 0, is exactly 0."""
+    rows learn (only_rows_learn: E_tok[:V], V = the original rows, stays exactly as it was)."""
     from ..textual_inversion import Embedding, _embeddings, check_word
-    special = (pipe.tokenizer.bos_id, pipe.tokenizer.eos_id, pipe.tokenizer.pad_id)
-    ids = [int(i) for i in pipe.tokenizer([init_word])[0] if int(i) not in special]
+    ids = word_ids(pipe, init_word)
     if not ids:
         raise ValueError(f"--init-word {init_word!r} has no tokens; give a word such as 'square'")
     table = pipe.text_encoder.token_embedding.weight
@@ -83,9 +93,4 @@ def add_word(pipe, token: str, init_word: str, n_vectors: int) -> nn.Parameter:
     embeddings = _embeddings(pipe)
     embeddings.loaded[embedding.word] = embedding
     embeddings.install(pipe.tokenizer, pipe.text_encoder)
-    weight = pipe.text_encoder.token_embedding.weight                           # [V + n, D]
-    weight.requires_grad_(True)
-    frozen = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
-    frozen[embeddings.base_rows:] = 1
-    weight.register_hook(lambda grad: grad * frozen)                            # ∂L/∂E_tok[:V] = 0
-    return weight
+    return only_rows_learn(pipe.text_encoder.token_embedding.weight, slice(embeddings.base_rows, None))  # [V + n, D]
