@@ -58,7 +58,8 @@ def word_ids(pipe, text: str) -> list[int]:
 
 def only_rows_learn(weight: nn.Parameter, rows) -> nn.Parameter:
     """Make E_tok trainable but let only `rows` (indices or a slice) learn: a gradient hook zeroes every other row's
-    ∂L/∂E_tok, and with AdamW without weight decay a frozen row's update, lr · m̂/(√v̂ + ε) with m̂ = 0, is exactly 0."""
+    ∂L/∂E_tok, and with AdamW without weight decay a frozen row's update, lr · m̂/(√v̂ + ε) with m̂ = 0, is
+    exactly 0."""
     mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
     mask[rows] = 1
     weight.requires_grad_(True)
