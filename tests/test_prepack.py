@@ -147,3 +147,19 @@ def test_a_lora_loaded_and_unloaded_after_packing_is_used(model, tmp_path):
                                atol=1e-2, rtol=0)
     pipe.unload_lora()
     torch.testing.assert_close(torch.from_numpy(pipe.txt2img(**args)), torch.from_numpy(before), atol=0, rtol=0)
+
+
+def test_cli_prepack_option_packs_the_unet(monkeypatch, tmp_path):
+    """`ldm-scratch generate --prepack` loads the pipeline with prepack=True (and without it, not)."""
+    import ldm_scratch.loader as loader
+    from ldm_scratch.cli import main
+    seen = []
+
+    def fake_load_pipeline(*args, **kwargs):
+        seen.append(kwargs.get("prepack"))
+        raise SystemExit(0)                                          # stop before any sampling
+    monkeypatch.setattr(loader, "load_pipeline", fake_load_pipeline)
+    for extra in (["--prepack"], []):
+        with pytest.raises(SystemExit):
+            main(["generate", "a red circle", "--out", str(tmp_path / "x.png"), *extra])
+    assert seen == [True, False]
