@@ -23,6 +23,13 @@ with S ≠ HIDDEN_SEED draws trained triples on other new layouts, and `--sweep 
 s_I:s_T pair (no baselines), e.g.
 
     python scripts/eval_instruct.py MODEL --splits train --cases-seed 777 --n 60 --sweep 1.5:7.5,3:7.5,3:3
+
+A sweep entry may also name the sampler and the step count, s_I:s_T:sampler:steps (e.g. 6:4:ddim:50); the
+rest take --sampler and --steps. --cases-seed takes several seeds (777,778): their cases are pooled. With
+--mix-like-heldout the train split's rates are also given re-weighted to the kinds' shares among the held-out
+cases (`heldout_mix`, e.g. 20 colour : 16 shape : 24 background for n 60): only which cases exist is used, no
+result of them. --ceiling grades, instead of a model, the ground-truth targets and their autoencoder round trip
+D(E(target).mode): what the checker can read at best (no sampling).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from ldm_scratch.data import caption, check
 from ldm_scratch.pipeline import load_pipeline
@@ -47,18 +55,65 @@ def grade(reading: tuple, edit) -> dict:
     return {"edit_right": reading[changed] == edit.value, "kept": kept, "all_three": tuple(reading) == edit.target}
 
 
-def run_method(name: str, pipe, base, sources, edits, args, scales=None) -> list[dict]:
-    """One method over all cases, in batches; returns one graded row per case. scales: (s_I, s_T) for instruct
-    (default: --image-guidance, --guidance)."""
-    image_guidance, guidance = scales or (args.image_guidance, args.guidance)
+def sweep_entry(text: str) -> tuple[float, float, str | None, int | None]:
+    """"6:4" → (6.0, 4.0, None, None); "6:4:ddim:50" → (6.0, 4.0, "ddim", 50) (None: --sampler / --steps)."""
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4:
+        raise ValueError(f"sweep entry {text!r}: give s_I:s_T, s_I:s_T:sampler or s_I:s_T:sampler:steps")
+    return (float(parts[0]), float(parts[1]), parts[2] if len(parts) > 2 else None,
+            int(parts[3]) if len(parts) > 3 else None)
+
+
+@torch.inference_mode()
+def ceiling_images(pipe, targets: torch.Tensor, name: str) -> np.ndarray:
+    """The ground truth as an "output": the target images themselves, or their autoencoder round trip
+    D(E(target).mode) — [N, H, W, 3] in [0, 1]."""
+    images = targets.float() / 255                                               # uint8 [N, 3, H, W] → [0, 1]
+    if name == "vae_roundtrip":
+        x = 2 * images - 1                                                       # [0, 1] → [−1, 1]
+        z = pipe.vae.encode(x).mode()                                            # E(x).mode, unscaled
+        images = (pipe.vae.decode(z) / 2 + 0.5).clamp(0, 1)                      # D(z) → [0, 1]
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+@torch.inference_mode()
+def image_reliance(pipe, sources, targets, edits, ts=(50, 200, 400, 600, 800, 900, 999), seed: int = 0) -> dict:
+    """How much the model uses the image to edit, per noise level: the ε-loss with c_I = 0 over the ε-loss with
+    c_I, on the same pairs, noise and text (round 1's 1.4–1.5× at t ≥ 800 meant the layout was barely read).
+
+        L(c) = mean ‖ε − ε_θ(cat[z_t, c], t, CLIP(instruction))‖²,   z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε,
+        z_0 = latent_scale · E(target).mode,  ratio_t = L(0) / L(c_I)"""
+    to_model = lambda images: images.float() / 127.5 - 1                        # uint8 → [−1, 1]
+    c_image = pipe.vae.encode(to_model(sources)).mode()                         # c_I, no latent scale
+    z0 = pipe.latent_scale * pipe.vae.encode(to_model(targets)).mode()          # z_0
+    context = pipe.text_encoder(pipe.tokenizer([e.instruction for e in edits]))
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(z0.shape, generator=generator)
+    out = {"t": list(ts), "loss_with_image": [], "loss_zero_image": [], "ratio": []}
+    for t in ts:
+        step = torch.full((len(edits),), t, dtype=torch.long)
+        z_t = pipe.schedule.q_sample(z0, step, eps)                             # √ᾱ_t z_0 + √(1−ᾱ_t) ε
+        losses = [float(((eps - pipe.unet(torch.cat([z_t, c], dim=1), step, context)) ** 2).mean())
+                  for c in (c_image, torch.zeros_like(c_image))]
+        out["loss_with_image"].append(round(losses[0], 5)), out["loss_zero_image"].append(round(losses[1], 5))
+        out["ratio"].append(round(losses[1] / losses[0], 3))
+    return out
+
+
+def run_method(name: str, pipe, base, sources, edits, args, scales=None, targets=None) -> list[dict]:
+    """One method over all cases, in batches; returns one graded row per case. scales: (s_I, s_T, sampler, steps)
+    for instruct (default: --image-guidance, --guidance, --sampler, --steps). targets: for the ceiling methods."""
+    image_guidance, guidance, sampler, steps = scales or (args.image_guidance, args.guidance, None, None)
     rows = []
     for first in range(0, len(edits), args.batch):
         part = range(first, min(first + args.batch, len(edits)))
         images = [sources[i].permute(1, 2, 0).numpy() for i in part]
-        common = dict(steps=args.steps, seed=args.seed + first, output_type="np", progress=False)
-        if name == "instruct":
+        common = dict(steps=steps or args.steps, seed=args.seed + first, output_type="np", progress=False)
+        if name in ("target", "vae_roundtrip"):
+            out = ceiling_images(pipe, targets[first:part.stop], name)
+        elif name == "instruct":
             out = pipe.instruct(images, [edits[i].instruction for i in part], image_guidance_scale=image_guidance,
-                                guidance_scale=guidance, sampler=args.sampler, **common)
+                                guidance_scale=guidance, sampler=sampler or args.sampler, **common)
         else:
             prompts = [edits[i].instruction if name == "img2img_instruction" else caption(*edits[i].target)
                        for i in part]
@@ -70,11 +125,23 @@ def run_method(name: str, pipe, base, sources, edits, args, scales=None) -> list
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], mix: dict | None = None) -> dict:
+    """Rates overall and per kind; mix {kind: share}: also the rates re-weighted to those kind shares
+    (heldout_mix = Σ_kind share · rate_kind)."""
     def rates(subset):
         return {m: round(float(np.mean([r[m] for r in subset])), 4) for m in ("edit_right", "kept", "all_three")} \
             | {"n": len(subset)}
-    return {"all": rates(rows), **{kind: rates([r for r in rows if r["kind"] == kind]) for kind in KINDS}}
+    result = {"all": rates(rows), **{kind: rates([r for r in rows if r["kind"] == kind]) for kind in KINDS}}
+    if mix:
+        result["heldout_mix"] = {m: round(sum(share * result[kind][m] for kind, share in mix.items()), 4)
+                                 for m in ("edit_right", "kept", "all_three")}
+    return result
+
+
+def pooled_cases(split: str, n: int, size: int, seeds: list[int]):
+    """edit_pairs(split, n, size, seed) for each seed, pooled: (sources, targets, edits)."""
+    parts = [edit_pairs(split, n, size, seed) for seed in seeds]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), [e for p in parts for e in p[2]]
 
 
 def main() -> None:
@@ -91,30 +158,51 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--splits", default="heldout,train", help="which cases: heldout, train or both")
-    parser.add_argument("--cases-seed", type=int, default=HIDDEN_SEED,
+    parser.add_argument("--cases-seed", default=str(HIDDEN_SEED),
                         help=f"layout seed of the cases (default HIDDEN_SEED = {HIDDEN_SEED}, the graded set; "
-                             "another seed with --splits train gives validation cases)")
+                             "another seed with --splits train gives validation cases; several: 777,778, pooled)")
     parser.add_argument("--sweep", default=None,
-                        help="s_I:s_T pairs, comma-separated: grade instruct at each (no baselines)")
+                        help="s_I:s_T[:sampler[:steps]] entries, comma-separated: grade instruct at each (no "
+                             "baselines)")
+    parser.add_argument("--mix-like-heldout", action="store_true",
+                        help="also give each split's rates re-weighted to the kind shares of the held-out cases")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="grade the targets and their autoencoder round trip instead of any model")
+    parser.add_argument("--image-reliance", action="store_true",
+                        help="also the ε-loss ratio with c_I = 0 over with c_I, per t, on each split's cases")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     start = time.time()
     pipe, base = load_pipeline(args.model), load_pipeline(args.base)
     methods = ["instruct"] + ([] if args.no_baselines else ["img2img_instruction", "img2img_target_caption"])
-    sweep = [tuple(float(v) for v in pair.split(":")) for pair in args.sweep.split(",")] if args.sweep else None
+    sweep = [sweep_entry(entry) for entry in args.sweep.split(",")] if args.sweep else None
     if sweep:
-        methods = [f"instruct@{s_i:g}:{s_t:g}" for s_i, s_t in sweep]
+        methods = [f"instruct@{entry}" for entry in args.sweep.split(",")]
+    if args.ceiling:
+        methods, sweep = ["target", "vae_roundtrip"], None
+    seeds = [int(seed) for seed in str(args.cases_seed).split(",")]
+    mix = None
+    if args.mix_like_heldout:   # the kinds of the held-out cases (which cases exist, not how any model did on them)
+        kinds = [e.kind for e in edit_pairs("heldout", args.n, pipe.config.image_size, HIDDEN_SEED)[2]]
+        mix = {kind: kinds.count(kind) / len(kinds) for kind in KINDS}
     result = {"measure": __doc__.split("\n\n")[1], "settings": vars(args), "results": {}, "rows": {}}
     for split in args.splits.split(","):
-        sources, _, edits = edit_pairs(split, args.n, pipe.config.image_size, args.cases_seed)
+        sources, targets, edits = pooled_cases(split, args.n, pipe.config.image_size, seeds)
         # the checker on the rendered sources: every case starts from an image it reads right
         result[f"{split}_sources_read_right"] = float(np.mean(
             [check(s.permute(1, 2, 0).numpy()).matches(*e.source) for s, e in zip(sources, edits)]))
+        if args.image_reliance:
+            result[f"{split}_image_reliance"] = image_reliance(pipe, sources, targets, edits)
+            print(split, "loss(c_I = 0) / loss(c_I) at t", result[f"{split}_image_reliance"]["t"], ":",
+                  result[f"{split}_image_reliance"]["ratio"], flush=True)
         for k, name in enumerate(methods):
-            rows = run_method(name.split("@")[0], pipe, base, sources, edits, args, sweep[k] if sweep else None)
-            result["results"][f"{split}/{name}"] = summarise(rows)
+            rows = run_method(name.split("@")[0], pipe, base, sources, edits, args, sweep[k] if sweep else None,
+                              targets)
+            result["results"][f"{split}/{name}"] = summarise(rows, mix)
             result["rows"][f"{split}/{name}"] = rows
-            print(f"{split:8s} {name:24s}", json.dumps(result["results"][f"{split}/{name}"]["all"]), flush=True)
+            summary = result["results"][f"{split}/{name}"]
+            print(f"{split:8s} {name:24s}", json.dumps(summary["all"]), "kept by kind",
+                  [summary[kind]["kept"] for kind in KINDS], "mix", json.dumps(summary.get("heldout_mix")), flush=True)
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result["results"], indent=1))
     if args.json:

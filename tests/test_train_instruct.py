@@ -233,6 +233,21 @@ def test_existing_output_is_refused_without_force(micro, tmp_path, capsys):
     assert load_models(out).config.unet.in_channels == 8                             # replaced, loadable
 
 
+def test_kind_shares_draw_kinds_with_those_probabilities():
+    only_background = edit_pairs("train", 12, size=32, seed=3, kind_shares=(0, 0, 1))[2]
+    assert {e.kind for e in only_background} == {"background"}
+    assert all(e.triple not in HELDOUT_EDITS for e in only_background)
+    kinds = [e.kind for e in edit_pairs("train", 300, size=32, seed=3, kind_shares=(1, 1, 3))[2]]
+    # background share 0.6: binomial(300, 0.6) has σ ≈ 8.5, so ±4σ ≈ ±34
+    assert abs(kinds.count("background") - 180) < 34, kinds.count("background")
+    assert edit_pairs("train", 30, size=32, seed=3, kind_shares=None)[2] == edit_pairs("train", 30, size=32,
+                                                                                       seed=3)[2]
+    with pytest.raises(ValueError, match="kind_shares"):
+        edit_pairs("train", 3, kind_shares=(1, 1))
+    with pytest.raises(ValueError, match="kind_shares"):
+        InstructTrainConfig(kind_shares="0.3,-0.3,1")
+
+
 @pytest.mark.parametrize("changes, error, words", [
     ({"base_model": "missing.safetensors"}, FileNotFoundError, ["no such file", "text-to-image"]),
     ({"out": "model.ckpt"}, ValueError, [".safetensors"]),

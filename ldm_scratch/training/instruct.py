@@ -20,7 +20,8 @@ instruction but does not keep the image (measured below); γ = k = 1 and β = 0 
 - `snr_clip` γ: the loss weights the high-noise steps, where the image is the only source of the layout, by up to
   γ (w_t = clamp(1/SNR_t, 1, γ), normalised; `loss_weights`);
 - `image_input_scale` k: a k-times larger learning rate on the new image weights only (`InstructEps`);
-- `image_init` β: the new image weights start as β·latent_scale times the noise weights, not zero (`copy_image_init`).
+- `image_init` β: the new image weights start as β·latent_scale times the noise weights, not zero (`copy_image_init`);
+- `kind_shares`: the share of colour / shape / background pairs (instruct_data.edit_pairs); "" = a third each.
 
 Budget: `steps`, and a wall-clock cap `minutes` that stops the run early (it still saves). Data-parallel with
 `torchrun --nproc_per_node 2 scripts/train_instruct.py …` (gloo on CPU): each rank draws its own batches, the
@@ -60,7 +61,7 @@ from ..tokenizer import load_tokenizer
 from ..train import learning_rate, optimizer_step, training_noise, training_target
 from ..unet import UNet
 from .dataset import to_model_range
-from .instruct_data import edit_pairs
+from .instruct_data import check_kind_shares, edit_pairs
 from .run import setup_distributed, wrap
 
 
@@ -79,6 +80,7 @@ class InstructTrainConfig:
     snr_clip: float = 20.0          # γ of the high-noise weight w_t = clamp(1/SNR_t, 1, γ) (loss_weights); 1 = paper
     image_input_scale: float = 4.0  # k: the image weights' learning rate × k (InstructEps); 1 = paper
     image_init: float = 0.0         # β: image weights start as β·latent_scale·W_noise (copy_image_init); 0 = paper
+    kind_shares: str = ""           # "0.3,0.3,0.4": P(colour, shape, background) of the pairs; "" = a third each
     train_text_encoder: bool = True
     seed: int = 0
     minutes: float = 20.0           # wall-clock cap: the run stops early (and saves) when it is reached
@@ -99,6 +101,8 @@ class InstructTrainConfig:
         if not self.snr_clip >= 1 or not self.image_input_scale > 0:
             raise ValueError(f"snr_clip must be ≥ 1 (1 = the paper's plain loss) and image_input_scale > 0, got "
                              f"snr_clip={self.snr_clip!r}, image_input_scale={self.image_input_scale!r}")
+        if self.kind_shares:
+            check_kind_shares(self.kind_shares.split(","))
         if not self.lr > 0 or not self.minutes > 0:
             raise ValueError(f"lr and minutes must be > 0, got lr={self.lr!r}, minutes={self.minutes!r}")
 
@@ -302,8 +306,8 @@ def train_instruct(cfg: InstructTrainConfig, *, force: bool = False, tokenizer=N
     # each rank renders and encodes only its share of the pairs (i ≡ rank mod world_size) and draws its batches
     # from it: the global batch still comes uniformly from all n_pairs, and the encoding (most of the set-up
     # time) is split between the processes
-    sources, targets, edits = edit_pairs("train", cfg.n_pairs, config.image_size, cfg.seed,
-                                         part=(rank, world_size))
+    sources, targets, edits = edit_pairs("train", cfg.n_pairs, config.image_size, cfg.seed, part=(rank, world_size),
+                                         kind_shares=cfg.kind_shares.split(",") if cfg.kind_shares else None)
     data = prepare_edits(vae, tokenizer, sources, targets, [e.instruction for e in edits])
     weights = loss_weights(schedule, cfg.snr_clip) if cfg.snr_clip > 1 else None
     say(f"data ready: {cfg.n_pairs} edit pairs rendered and encoded ({time.time() - start:.0f} s)")

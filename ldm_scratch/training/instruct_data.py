@@ -114,25 +114,45 @@ def pair_images(edit: Edit, size: int, seed: int, index: int, split: str) -> tup
     return np.array(source), np.array(target)
 
 
-def edit_pairs(split: str, n: int, size: int = 64, seed: int = 0, part: tuple[int, int] = (0, 1)
-               ) -> tuple[torch.Tensor, torch.Tensor, list[Edit]]:
+def check_kind_shares(kind_shares) -> tuple[float, float, float] | None:
+    """None (every allowed edit alike: each kind a third), or three shares ≥ 0 for KINDS (colour, shape,
+    background), normalised to sum 1."""
+    if kind_shares is None:
+        return None
+    shares = tuple(float(v) for v in kind_shares)
+    if len(shares) != len(KINDS) or min(shares) < 0 or not sum(shares) > 0:
+        raise ValueError(f"kind_shares={kind_shares!r}: give {len(KINDS)} numbers ≥ 0, not all 0, for {KINDS}")
+    return tuple(v / sum(shares) for v in shares)
+
+
+def edit_pairs(split: str, n: int, size: int = 64, seed: int = 0, part: tuple[int, int] = (0, 1),
+               kind_shares=None) -> tuple[torch.Tensor, torch.Tensor, list[Edit]]:
     """n edit pairs of a split: sources and targets uint8 [n, 3, size, size] and their Edits.
 
     Pair i picks its edit uniformly from `allowed_edits(split)` (each kind about a third) with a Generator seeded
     by (seed, split, i), so a pair never depends on which were drawn before it. part = (k, m): only the pairs
-    i ≡ k (mod m) of the n, the same ones whoever asks (one process's share of a data-parallel run)."""
+    i ≡ k (mod m) of the n, the same ones whoever asks (one process's share of a data-parallel run).
+    kind_shares (colour, shape, background), e.g. (0.3, 0.3, 0.4): the same Generator first draws the kind with
+    these probabilities, then the edit uniformly among that kind's (None: the uniform draw above, unchanged)."""
     if n < 1:
         raise ValueError(f"n={n}: ask for at least one edit pair")
     k, m = part
     if not 0 <= k < m:
         raise ValueError(f"part={part!r}: give (k, m) with 0 ≤ k < m")
+    shares = check_kind_shares(kind_shares)
     edits = allowed_edits(split)
+    by_kind = [[e for e in edits if e.kind == kind] for kind in KINDS]
     indices = range(k, n, m)
     sources = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
     targets = torch.empty_like(sources)
     chosen = []
     for row, i in enumerate(indices):
-        edit = edits[np.random.default_rng([seed, _SPLIT_NUMBER[split], i, 1]).integers(len(edits))]
+        rng = np.random.default_rng([seed, _SPLIT_NUMBER[split], i, 1])
+        if shares is None:
+            edit = edits[rng.integers(len(edits))]
+        else:
+            of_kind = by_kind[rng.choice(len(KINDS), p=shares)]                 # P(kind) = its share
+            edit = of_kind[rng.integers(len(of_kind))]                          # then uniform within the kind
         source, target = pair_images(edit, size, seed, i, split)
         sources[row] = torch.from_numpy(source).permute(2, 0, 1)
         targets[row] = torch.from_numpy(target).permute(2, 0, 1)
