@@ -30,7 +30,9 @@ The measure, fixed before the first run:
   dreambooth+pp150-unet, docs/finetune_demo_run4.json, one entry per invocation. Recipes were chosen by looking
   at the graded numbers of the earlier ones (there is no separate validation set), so a recipe that meets the
   targets is re-run with another training seed (--seed 1: the batches and the class images' noise change) and
-  both are reported.
+  both are reported. Round 5 (docs/finetune_demo_run5.json): the recipe must meet both targets on training seeds
+  0, 1 and 2, chosen by its seed-0 result first; recipes with --token name the new shape with that new word in
+  their captions and held-out prompts ("a red <cross> on a blue background"), everything else unchanged.
 
 Writes runs/finetune_demo/<method>/ (data, checkpoints, outputs) and prints one table; --out to put it elsewhere.
 """
@@ -55,25 +57,33 @@ from ldm_scratch.training.finetune import FinetuneConfig, finetune  # noqa: E402
 N_TRAIN = 20
 
 
-def write_data(folder: Path) -> tuple[list, list]:
-    """20 cross pictures with captions; (train pairs, held-out pairs)."""
+def prompt(combo: tuple, word: str = "cross") -> str:
+    """The caption of a combination, with `word` for the new shape (a recipe's new token, e.g. "<cross>")."""
+    text = caption(*combo)
+    return text.replace(" cross ", f" {word} ") if combo[0] == "cross" else text
+
+
+def write_data(folder: Path, word: str = "cross") -> tuple[list, list]:
+    """20 cross pictures with captions (the new shape called `word`); (train pairs, held-out pairs)."""
     combos = new_shape_combinations()
     order = np.random.default_rng(16).permutation(len(combos))
     train, heldout = [combos[i] for i in order[:N_TRAIN]], [combos[i] for i in order[N_TRAIN:]]
     folder.mkdir(parents=True, exist_ok=True)
     for i, combo in enumerate(train):
         render(*combo, size=64, rng=np.random.default_rng([16, i])).save(folder / f"cross-{i:02d}.png")
-        (folder / f"cross-{i:02d}.txt").write_text(caption(*combo) + "\n")
+        (folder / f"cross-{i:02d}.txt").write_text(prompt(combo, word) + "\n")
     return train, heldout
 
 
-def readings(pipe, combos: list, seeds: list[int], batch: int = 30) -> list[tuple[tuple, tuple]]:
-    """(expected combo, what the checker read) for every (combo, seed) image, seed-major."""
+def readings(pipe, combos: list, seeds: list[int], batch: int = 30, word: str = "cross"
+             ) -> list[tuple[tuple, tuple]]:
+    """(expected combo, what the checker read) for every (combo, seed) image, seed-major (the new shape called
+    `word` in the prompts)."""
     out = []
     for seed in seeds:
         for start in range(0, len(combos), batch):
             part = combos[start:start + batch]
-            images = pipe.txt2img([caption(*c) for c in part], steps=20, guidance_scale=7.5, seed=seed,
+            images = pipe.txt2img([prompt(c, word) for c in part], steps=20, guidance_scale=7.5, seed=seed,
                                   output_type="np", progress=False)
             out += [(c, check(image, new_shapes=True).as_tuple()) for image, c in zip(images, part)]
     return out
@@ -186,11 +196,68 @@ RECIPES = {
         method="dreambooth", train_words="cross", lr=3e-4, word_lr=5e-2, num_class_images=150,
         class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0, steps=800),
     # results (run4.json, 15:28; seeds side by side): seed 0 90 % / 0.7 points, seed 1 60 % / −0.7 — the same split
+    # round 5 (run5.json). Seed 1's misses are held-out crosses drawn as triangles, and the row of "cross" starts
+    # where the base model reads a triangle (17 of 20 base images; its row's cosine with "triangle" 0.42, the
+    # largest with any shape). So a NEW word, "<cross>" (--token: its rows train with the UNet, saved beside the
+    # model as an embedding file), starting from "sign": of 18 common one-token words, the row least like any
+    # shape, colour or template word (largest |cosine| 0.18; chosen on the embeddings alone, nothing graded).
+    # One vector, and three (textual inversion's --num-vectors: more room for the word). The prompts of the
+    # measure say "<cross>" where they said "cross"; pictures, held-out pairs, seeds and checker are unchanged.
+    "dreambooth+distill150u-w3-unet+tok1sign-lr3e-4-wordlr2e-2-800": dict(
+        method="dreambooth", token="<cross>", init_word="sign", num_vectors=1, lr=3e-4, word_lr=2e-2,
+        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0,
+        steps=800),
+    "dreambooth+distill150u-w3-unet+tok3sign-lr3e-4-wordlr2e-2-800": dict(
+        method="dreambooth", token="<cross>", init_word="sign", num_vectors=3, lr=3e-4, word_lr=2e-2,
+        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0,
+        steps=800),
+    # results (run5.json, 16:08 and 16:19, seed 0): one vector 75 % / 0.0 points (misses: 3 triangles, a square, a
+    # star); three vectors 10 % / 2.0 — but 17 of 20 held-out images ARE crosses, 15 in a wrong colour: the two
+    # extra vectors push "on a <colour> background" two places right, to positions the frozen text encoder only
+    # ever saw padding at, and twenty pictures do not teach the UNet to read colours there. So: two vectors
+    # (one place), and LoRA (rank 8, every UNet layer: a low-rank update that may memorise the 20 colour pairs
+    # less than the whole UNet) with the same distilled prior and the new word "<cross>" in the file beside it
+    "dreambooth+distill150u-w3-unet+tok2sign-lr3e-4-wordlr2e-2-800": dict(
+        method="dreambooth", token="<cross>", init_word="sign", num_vectors=2, lr=3e-4, word_lr=2e-2,
+        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0,
+        steps=800),
+    "lora8all+distill150u-w3+tok1sign-lr1e-3-wordlr2e-2-800": dict(
+        method="lora", lora_targets="all", lora_text_encoder=False, lora_rank=8, token="<cross>", init_word="sign",
+        num_vectors=1, lr=1e-3, word_lr=2e-2, num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model",
+        prior_uncond=0.1, prior_weight=3.0, steps=800),
+    # results (run5.json, 16:31 and 16:36, seed 0): LoRA 55 % / 9.3 points (misses: 4 stars, 5 triangles; squares
+    # and stars lost as crosses again) — fails both targets; two vectors 5 % / 1.3 points, 15 of 20 held-out
+    # crosses in a wrong colour: one place of shift is enough to break the colours, so one vector it is. The old
+    # vocabulary keeps 3–5 points of room (0.0–2.0 lost at λ = 3): spend some on the new word, λ = 2, with the
+    # row of "cross" (round 4's recipe, 90 % with seed 0) and with the new word "<cross>" from "sign"
+    "dreambooth+distill150u-w2-unet+word-lr3e-4-wordlr2e-2-800": dict(
+        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
+        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=2.0, steps=800),
+    "dreambooth+distill150u-w2-unet+tok1sign-lr3e-4-wordlr2e-2-800": dict(
+        method="dreambooth", token="<cross>", init_word="sign", num_vectors=1, lr=3e-4, word_lr=2e-2,
+        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=2.0,
+        steps=800),
+    # results (run5.json, 16:43, seed 0, side by side): the row of "cross" at λ = 2: 95 % / 2.0 points (1 miss, a
+    # triangle); "<cross>" from "sign" at λ = 2: 80 % / 0.0. The first, by its seed-0 result: seeds 1 and 2 next.
+    # Results (16:53, side by side): seed 1 75 % / 4.7 points, seed 2 85 % / 2.7 — fails on seed 1 (4 triangles,
+    # a star). λ = 2 lifts the new word (95/75/85 vs λ = 3's 90/65/65) and spends most of the drop's room (2.0/4.7/
+    # 2.7). The other seed-0 pass, "<cross>" at λ = 2 (80 % / 0.0: both targets, the old vocabulary untouched),
+    # is confirmed on seeds 1 and 2 with the same recipe (no new choice). Results (16:58): seed 1 65 % / 4.0 points
+    # (6 triangles, a star), seed 2 85 % / 3.3 — fails on seed 1 as well. Last try in the time left, chosen before
+    # any of its runs: λ = 2 with 1200 steps (at λ = 3, 1200 steps took seed 1 from 65 % to 75 %), seeds 0 and 1
+    # side by side (a single recipe, both reported whatever they give; seed 2 only if both pass)
+    "dreambooth+distill150u-w2-unet+word-lr3e-4-wordlr2e-2-1200": dict(
+        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
+        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=2.0, steps=1200),
+    # results (run5.json, 17:08, side by side, 405 s of training each): seed 0 80 % / 1.3 points, seed 1 100 % /
+    # 2.0 — both pass: seed 2 next. Result (17:15): seed 2 95 % / 1.3 points. Both targets met on training seeds
+    # 0, 1 and 2 (new word 80/100/95 %, old vocabulary down 1.3/2.0/1.3 points, 388–406 s of training on one core);
+    # seed 0 is exactly at the 80 % line, so the margin there is one image
 }
 
 
-def grade(pipe, heldout: list, old: list, seeds_new: list[int]) -> dict:
-    new_read, old_read = readings(pipe, heldout, seeds_new), readings(pipe, old, [0])
+def grade(pipe, heldout: list, old: list, seeds_new: list[int], word: str = "cross") -> dict:
+    new_read, old_read = readings(pipe, heldout, seeds_new, word=word), readings(pipe, old, [0])
     return {"new": accuracy(new_read), "old": accuracy(old_read), "new_by_shape": by_shape(new_read),
             "old_by_shape": by_shape(old_read)}
 
@@ -247,7 +314,11 @@ def main() -> int:
         recipe.pop("steps", None)         # (--smoke)
         if args.smoke and "num_class_images" in recipe:
             recipe["num_class_images"] = 2
-        cfg = FinetuneConfig(data=str(out / "data"), out_dir=str(out / name), steps=recipe_steps, batch=8,
+        word = recipe.get("token") or "cross"          # a new token: the same pictures, captions with the token
+        data = out / "data" if word == "cross" else out / f"data-{word.strip('<>')}"
+        if word != "cross":
+            write_data(data, word)
+        cfg = FinetuneConfig(data=str(data), out_dir=str(out / name), steps=recipe_steps, batch=8,
                              force=True, checkpoint_every=100, seed=args.seed, **recipe)
         seconds, loss = None, None
         if not args.grade_only:
@@ -260,7 +331,9 @@ def main() -> int:
             pipe.load_lora(cfg.output)
         else:
             pipe = load_pipeline(cfg.output, fast=False)
-        graded = grade(pipe, heldout, old, seeds_new)
+        if cfg.token and cfg.method != "textual-inversion":   # the new word's rows, in the file beside
+            pipe.load_textual_inversion(cfg.embedding_output, token=cfg.token)
+        graded = grade(pipe, heldout, old, seeds_new, word)
         results[name] = {"recipe": {**recipe, "steps": recipe_steps, "batch": 8, "seed": args.seed}, **graded,
                          "drop_points": 100 * (results["base"]["old"] - graded["old"]), "train_seconds": seconds,
                          "final_loss": loss}

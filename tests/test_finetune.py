@@ -112,6 +112,43 @@ def test_textual_inversion_trains_only_the_new_word(setup, tmp_path):
     assert result["output"].name == "thing.safetensors"
 
 
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+def test_new_token_trains_with_the_model(setup, tmp_path, method):
+    """--token with dreambooth / lora ("pivotal tuning"): the new word's 2 rows learn with the model and are written
+    beside it as an embedding file; the model file keeps the vocabulary's rows, so the old prompts encode as
+    before, and model (or LoRA) + embedding loaded afresh give the trained pipeline's ε̂ for the new word."""
+    with pytest.raises(ValueError, match="needs --init-word"):
+        config(setup, tmp_path, method, token="<thing>")
+    with pytest.raises(ValueError, match="give one of the two"):
+        config(setup, tmp_path, method, token="<thing>", init_word="square", train_words="square")
+    cfg = config(setup, tmp_path, method, token="<thing>", init_word="square", num_vectors=2, lr=0.05,
+                 word_lr=0.05, data=setup["plain"], instance_prompt="a <thing> on a blue background",
+                 class_prompt="a red circle on a blue background", num_class_images=2)
+    result = finetune(cfg)
+    base = load_pipeline(setup["checkpoint"], tokenizer=setup["tokenizer"], fast=False)
+    table = base.text_encoder.token_embedding.weight.detach()
+    vectors = load_file(str(cfg.embedding_output))["emb_params"]
+    assert cfg.embedding_output.name == "thing.safetensors" and vectors.shape == (2, table.shape[1])
+    start = table[base.tokenizer.encode("square")].mean(0)
+    assert not torch.equal(vectors[0], start)                                        # the rows moved
+    if method == "dreambooth":
+        fresh = load_pipeline(result["output"], tokenizer=setup["tokenizer"], fast=False)
+        assert torch.equal(fresh.text_encoder.token_embedding.weight, table)         # V rows, untouched
+    else:
+        fresh = load_pipeline(setup["checkpoint"], tokenizer=setup["tokenizer"], fast=False)
+        fresh.load_lora(result["output"])
+    fresh.load_textual_inversion(cfg.embedding_output, token="<thing>")
+    old, new = "a red circle on a blue background", "a red <thing> on a blue background"
+    assert torch.equal(fresh.encode_prompt(old)[0], base.encode_prompt(old)[0])
+    assert torch.equal(fresh.encode_prompt(new)[0], result["pipe"].encode_prompt(new)[0])
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    with torch.no_grad():
+        eps_fresh, eps_trained = (pipe.unet(z, t, pipe.text_encoder(pipe.tokenizer([new])))
+                                  for pipe in (fresh, result["pipe"]))
+        assert (eps_fresh - eps_trained).abs().max() < 2e-5                      # as the LoRA test above
+
+
 def test_dreambooth_with_prior_preservation(setup, tmp_path):
     cfg = config(setup, tmp_path, "dreambooth", class_prompt="a red circle on a blue background",
                  num_class_images=2, train_text_encoder=True)

@@ -12,6 +12,12 @@ and differ only in which numbers θ may move:
     dreambooth         the whole UNet (+ the text encoder with --train-text-encoder) (Ruiz et al.) → full model
                        or only its prompt K, V projections, --unet-params cross-kv (Custom Diffusion)
 
+--token WORD --init-word W --num-vectors n with dreambooth or lora trains a new word's n rows of the token table
+with the model ("pivotal tuning"; the advanced DreamBooth-LoRA recipes do the same): a prompt word the vocabulary
+lacks, so no old prompt reads it, with its own start point (not the base model's reading of an existing word) and
+room for several vectors. A model file or a LoRA has no place for new rows: they go beside it as an embedding file,
+OUT/<token>.safetensors (textual inversion's format), loaded with pipe.load_textual_inversion.
+
 --train-words WORDS (dreambooth) also trains the token-table rows of those words and nothing else of the text
 encoder (Kumari et al. 2023 train the new word's row with the K, V; "pivotal tuning" pairs the same with a UNet
 update). Every prompt without those words then encodes bit-identically to the base model, c = τ(y) unchanged, so
@@ -136,6 +142,13 @@ class FinetuneConfig:
         if self.method == "textual-inversion" and not (self.token and self.init_word):
             raise ValueError("textual inversion needs --token (the new word, e.g. '<cross>') and --init-word (a "
                              "word it starts from, e.g. 'square')")
+        if self.token and not self.init_word:
+            raise ValueError(f"--token {self.token!r} needs --init-word, the word its vectors start from")
+        if self.token and self.train_words:
+            raise ValueError("--token (a new word's rows) and --train-words (existing words' rows): give one of the two")
+        if self.token and self.train_text_encoder:
+            raise ValueError("--token trains only the new word's rows, --train-text-encoder all of the text encoder: "
+                             "give one of the two")
         if self.unet_params not in UNET_PARAMS:
             raise ValueError(f"--unet-params {self.unet_params!r}: choose one of {', '.join(UNET_PARAMS)}")
         if self.unet_params != "all" and self.method != "dreambooth":
@@ -164,13 +177,20 @@ class FinetuneConfig:
         return [w.strip() for w in self.train_words.split(",") if w.strip()]
 
     @property
+    def embedding_output(self) -> Path | None:
+        """The new word's embedding file (--token), the output itself for textual inversion; None without --token."""
+        if not self.token:
+            return None
+        return Path(self.out_dir) / f"{''.join(c for c in self.token if c not in UNSAFE_IN_NAMES)}.safetensors"
+
+    @property
     def output(self) -> Path:
         """The file the run writes at the end, in --out."""
         if self.method == "lora":
             return Path(self.out_dir) / ("lora.safetensors" if self.lora_format == "kohya"
                                          else "pytorch_lora_weights.safetensors")
         if self.method == "textual-inversion":  # the web UI names the word after the file: keep them the same
-            return Path(self.out_dir) / f"{''.join(c for c in self.token if c not in UNSAFE_IN_NAMES)}.safetensors"
+            return self.embedding_output
         return Path(self.out_dir) / "model.safetensors"
 
     def to_json(self) -> str:
@@ -241,7 +261,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = True, stop_at: int | None = Non
     stop_at: checkpoint and return after this many steps in all (a time-boxed run, resumed by calling again)."""
     from ..loader import load_pipeline
     captions = read_captions(image_files(Path(cfg.data)), cfg.instance_prompt or None)  # refused before work
-    if cfg.method == "textual-inversion" and not any(cfg.token.lower() in c.lower() for c in captions):
+    if cfg.token and not any(cfg.token.lower() in c.lower() for c in captions):
         raise ValueError(f"no caption names --token {cfg.token!r}, so its vectors would get no gradient: write it "
                          f"in the captions (e.g. 'a photo of {cfg.token}') or in --instance-prompt")
     state = open_run(cfg, resume)
@@ -338,20 +358,35 @@ def checkpoint(cfg, saved, optimizer, generator, history, step, rank, world_size
 
 
 def write_output(cfg: FinetuneConfig, pipe, saved: dict) -> Path:
-    """The finished fine-tune's file, written atomically: a LoRA, an embedding or a full single file."""
+    """The finished fine-tune's file, written atomically: a LoRA, an embedding or a full single file (with --token,
+    dreambooth and lora also write the new word's embedding file beside it)."""
     from safetensors.torch import save_file
 
     from ..checkpoint import save_official
+    metadata = {"ldm_scratch.finetune": cfg.to_json()}
+    if cfg.token:                             # the new word's rows E_tok[V:], in the web UI's embedding format
+        embeddings = pipe._embeddings
+        vectors = pipe.text_encoder.token_embedding.weight.detach()[embeddings.base_rows:].cpu().contiguous()
+        with replacing(cfg.embedding_output) as tmp:
+            save_file({"emb_params": vectors}, str(tmp), metadata=metadata)
+        if cfg.method == "textual-inversion":
+            return cfg.output
+        next(iter(embeddings.loaded.values())).vectors = vectors           # the pipe keeps the trained word
     path = cfg.output
     if cfg.method == "dreambooth":
         pipe.text_encoder.eval(), pipe.unet.eval()
-        return save_official(path, pipe.text_encoder, pipe.unet, pipe.vae, pipe.config, overwrite=True)
-    if cfg.method == "lora":
-        layers = saved["unet"]
-        tensors = layers.kohya_tensors() if cfg.lora_format == "kohya" else layers.diffusers_tensors()
-    else:
-        base = pipe._embeddings.base_rows
-        tensors = {"emb_params": pipe.text_encoder.token_embedding.weight.detach()[base:].cpu().contiguous()}
+        if not cfg.token:
+            return save_official(path, pipe.text_encoder, pipe.unet, pipe.vae, pipe.config, overwrite=True)
+        words = dict(embeddings.loaded)       # a model file holds the vocabulary's V rows: the word goes beside it
+        embeddings.loaded.clear()
+        embeddings.install(pipe.tokenizer, pipe.text_encoder)               # E_tok [V + n, D] → [V, D]
+        try:
+            return save_official(path, pipe.text_encoder, pipe.unet, pipe.vae, pipe.config, overwrite=True)
+        finally:
+            embeddings.loaded.update(words)
+            embeddings.install(pipe.tokenizer, pipe.text_encoder)
+    layers = saved["unet"]
+    tensors = layers.kohya_tensors() if cfg.lora_format == "kohya" else layers.diffusers_tensors()
     with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ldm_scratch.finetune": cfg.to_json()})
+        save_file(tensors, str(tmp), metadata=metadata)
     return path

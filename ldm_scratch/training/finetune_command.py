@@ -32,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora-text-encoder", action="store_true", help="also the text encoder's attention and MLP")
     lora.add_argument("--lora-format", default=d.lora_format, choices=LORA_FORMATS,
                       help="kohya (web UI, ComfyUI; default) or diffusers (load_lora_weights)")
-    ti = parser.add_argument_group("textual inversion")
-    ti.add_argument("--token", default="", help="the new word, e.g. '<cross>' (must not be a CLIP token already)")
+    ti = parser.add_argument_group("textual inversion (and a new word for dreambooth / lora)")
+    ti.add_argument("--token", default="", help="the new word, e.g. '<cross>' (must not be a CLIP token already); "
+                    "with dreambooth or lora its rows train with the model (at --word-lr) and are written beside "
+                    "it as OUT/<token>.safetensors")
     ti.add_argument("--init-word", default="", help="the word its vectors start from, e.g. 'square'")
     ti.add_argument("--num-vectors", type=int, default=d.num_vectors)
     db = parser.add_argument_group("DreamBooth")
@@ -44,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     db.add_argument("--train-words", default="", help="also train these words' token rows (comma-separated, e.g. "
                     "'cross'), the rest of the text encoder frozen: prompts without them encode as before")
     db.add_argument("--word-lr", type=float, default=0.0,
-                    help=f"learning rate of those rows (default {DEFAULT_LR['textual-inversion']:g})")
+                    help=f"learning rate of those rows, or of --token's (default "
+                         f"{DEFAULT_LR['textual-inversion']:g})")
     prior = parser.add_argument_group("prior preservation (DreamBooth and LoRA)")
     prior.add_argument("--class-prompt", default="", help="prior preservation: the class, e.g. 'a red shape' "
                        "(several: 'a red circle | a blue star', used in turn)")

@@ -5,6 +5,8 @@ trainable and their optimiser groups.
     textual-inversion  the new word's rows of E_tok (add_word)
     dreambooth         the UNet, or its prompt K, V only (cross-kv); the text encoder with --train-text-encoder;
                        and with --train-words only those words' rows of E_tok (train_rows)
+    --token (with dreambooth or lora: "pivotal tuning")  also a new word's n rows of E_tok (add_word), in their
+                       own optimiser group at --word-lr; saved beside the model or LoRA as an embedding file
 
 Frozen rows of E_tok stay bit-identical: a gradient hook zeroes their ∂L/∂E_tok and AdamW runs without weight
 decay there, so their update lr · m̂/(√v̂ + ε) with m̂ = 0 is exactly 0.
@@ -27,7 +29,9 @@ def prepare_method(cfg, pipe, word_lr_default: float
         layers = LoraLayers({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, cfg.lora_rank,
                             cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets, cfg.lora_text_encoder)
         layers.attach()
-        return {"unet": layers}, [{"params": list(layers.parameters())}], layers
+        saved, groups = {"unet": layers}, [{"params": list(layers.parameters())}]
+        add_token(cfg, pipe, saved, groups, word_lr_default)
+        return saved, groups, layers
     if cfg.method == "textual-inversion":
         table = add_word(pipe, cfg.token, cfg.init_word, cfg.num_vectors)
         return {"text_encoder": pipe.text_encoder.token_embedding}, [{"params": [table]}], None
@@ -47,7 +51,18 @@ def prepare_method(cfg, pipe, word_lr_default: float
         table = train_rows(pipe, cfg.words)
         trained["text_encoder"] = pipe.text_encoder.token_embedding
         groups.append({"params": [table], "lr": cfg.word_lr or word_lr_default})
+    add_token(cfg, pipe, trained, groups, word_lr_default)
     return trained, groups, None
+
+
+def add_token(cfg, pipe, saved: dict, groups: list[dict], word_lr_default: float) -> None:
+    """--token with dreambooth or lora: the new word's n rows of E_tok learn with the model (add_word), at --word-lr
+    in a group of their own; E_tok is then saved with the run's checkpoint (the rows [V, V + n) are the new word)."""
+    if not cfg.token:
+        return
+    table = add_word(pipe, cfg.token, cfg.init_word, cfg.num_vectors)                # E_tok [V + n, D]
+    saved["text_encoder"] = pipe.text_encoder.token_embedding
+    groups.append({"params": [table], "lr": cfg.word_lr or word_lr_default})
 
 
 def word_ids(pipe, text: str) -> list[int]:
