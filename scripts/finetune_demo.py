@@ -120,6 +120,10 @@ SQUARES_STARS_TWICE = OLD_PROMPTS + " | " + " | ".join(caption(*c) for c in all_
                                                        if c[0] in ("square", "star"))
 
 # Every recipe tried, in order, with the run that led to it (the measure above never changed).
+# the distilled prior of rounds 4 and 5: 150 class images, one per old caption, the frozen base model's own
+# prediction as the class half's target, 10 % of them with the empty prompt
+DISTILLED_PRIOR = dict(num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1)
+
 RECIPES = {
     # round 1 (docs/finetune_demo_run1.json): the recipes of the docstring
     "lora": dict(method="lora", lora_targets="all", lora_text_encoder=True, lora_rank=8, lr=3e-3),
@@ -162,39 +166,31 @@ RECIPES = {
     # swamps the small drift it should measure, and nothing trains the unconditional ε̂(x_t, ∅) that CFG at 7.5
     # subtracts 6.5 times. So: the base model's own prediction as the prior's target (--prior-target model) and
     # 10 % of the class items with the empty prompt (--prior-uncond 0.1); lr 3e-4 for the new word (45 % at 1e-4)
-    "dreambooth+distill150u-unet+word-lr3e-4": dict(method="dreambooth", train_words="cross", lr=3e-4,
-                                                    num_class_images=150, class_prompt=OLD_PROMPTS,
-                                                    prior_target="model", prior_uncond=0.1),
-    "dreambooth+distill150u-w3-unet+word-lr3e-4": dict(method="dreambooth", train_words="cross", lr=3e-4,
-                                                       num_class_images=150, class_prompt=OLD_PROMPTS,
-                                                       prior_target="model", prior_uncond=0.1, prior_weight=3.0),
+    "dreambooth+distill150u-unet+word-lr3e-4": dict(DISTILLED_PRIOR, method="dreambooth", train_words="cross",
+        lr=3e-4),
+    "dreambooth+distill150u-w3-unet+word-lr3e-4": dict(DISTILLED_PRIOR, method="dreambooth", train_words="cross",
+        lr=3e-4, prior_weight=3.0),
     # the same at round 2–3's lr 1e-4, to compare with dreambooth+pp150-unet+word (the prior's target the only change)
-    "dreambooth+distill150u-unet+word": dict(method="dreambooth", train_words="cross", lr=1e-4,
-                                             num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model",
-                                             prior_uncond=0.1),
+    "dreambooth+distill150u-unet+word": dict(DISTILLED_PRIOR, method="dreambooth", train_words="cross", lr=1e-4),
     # after those three (run4.json, 14:17): the distilled prior holds the old vocabulary (4.0 and 3.3 points lost,
     # from 20.7 with ε′ at lr 1e-4) but the new word falls with it (50 %, 30 %; 70 % / 12.7 at λ = 1). The row of
     # "cross" is the one thing no old prompt reads and no prior term holds: let it move faster (word lr 2e-2,
     # from 5e-3), and give the instance term more steps against λ = 3
-    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2": dict(
-        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
-        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0),
-    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2-800": dict(
-        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
-        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0, steps=800),
+    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2": dict(DISTILLED_PRIOR, method="dreambooth",
+        train_words="cross", lr=3e-4, word_lr=2e-2, prior_weight=3.0),
+    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2-800": dict(DISTILLED_PRIOR, method="dreambooth",
+        train_words="cross", lr=3e-4, word_lr=2e-2, prior_weight=3.0, steps=800),
     # results (run4.json, 14:38 and 14:43): 400 steps 60 % / 4.7 points; 800 steps 90 % / 0.0 points (both targets
     # met), but again with training seed 1 (--seed 1, 14:49) 65 % / 0.0 points and seed 2 (14:56) 65 % / 2.0: the
     # old vocabulary held with every seed, the new word met its target with one seed of three. The new word is
     # still learning at 800 steps (60 % → 90 % from 400 to 800 with seed 0): 1200 steps, judged on seeds 0–2
-    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2-1200": dict(
-        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
-        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0, steps=1200),
+    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr2e-2-1200": dict(DISTILLED_PRIOR, method="dreambooth",
+        train_words="cross", lr=3e-4, word_lr=2e-2, prior_weight=3.0, steps=1200),
     # results (run4.json, 15:22; seeds 0 and 1 side by side, one core each): 70 % / 2.7 and 75 % / −0.7 points —
     # no better than 800 steps: the new word stays at 65–90 % across seeds. The word's row is the one part that
     # only the new pictures move: 800 steps with it at lr 5e-2, judged on seeds 0 and 1 (then 2)
-    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr5e-2-800": dict(
-        method="dreambooth", train_words="cross", lr=3e-4, word_lr=5e-2, num_class_images=150,
-        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0, steps=800),
+    "dreambooth+distill150u-w3-unet+word-lr3e-4-wordlr5e-2-800": dict(DISTILLED_PRIOR, method="dreambooth",
+        train_words="cross", lr=3e-4, word_lr=5e-2, prior_weight=3.0, steps=800),
     # results (run4.json, 15:28; seeds side by side): seed 0 90 % / 0.7 points, seed 1 60 % / −0.7 — the same split
     # round 5 (run5.json). Seed 1's misses are held-out crosses drawn as triangles, and the row of "cross" starts
     # where the base model reads a triangle (17 of 20 base images; its row's cosine with "triangle" 0.42, the
@@ -203,40 +199,30 @@ RECIPES = {
     # shape, colour or template word (largest |cosine| 0.18; chosen on the embeddings alone, nothing graded).
     # One vector, and three (textual inversion's --num-vectors: more room for the word). The prompts of the
     # measure say "<cross>" where they said "cross"; pictures, held-out pairs, seeds and checker are unchanged.
-    "dreambooth+distill150u-w3-unet+tok1sign-lr3e-4-wordlr2e-2-800": dict(
-        method="dreambooth", token="<cross>", init_word="sign", num_vectors=1, lr=3e-4, word_lr=2e-2,
-        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0,
-        steps=800),
-    "dreambooth+distill150u-w3-unet+tok3sign-lr3e-4-wordlr2e-2-800": dict(
-        method="dreambooth", token="<cross>", init_word="sign", num_vectors=3, lr=3e-4, word_lr=2e-2,
-        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0,
-        steps=800),
+    "dreambooth+distill150u-w3-unet+tok1sign-lr3e-4-wordlr2e-2-800": dict(DISTILLED_PRIOR, method="dreambooth",
+        token="<cross>", init_word="sign", num_vectors=1, lr=3e-4, word_lr=2e-2, prior_weight=3.0, steps=800),
+    "dreambooth+distill150u-w3-unet+tok3sign-lr3e-4-wordlr2e-2-800": dict(DISTILLED_PRIOR, method="dreambooth",
+        token="<cross>", init_word="sign", num_vectors=3, lr=3e-4, word_lr=2e-2, prior_weight=3.0, steps=800),
     # results (run5.json, 16:08 and 16:19, seed 0): one vector 75 % / 0.0 points (misses: 3 triangles, a square, a
     # star); three vectors 10 % / 2.0 — but 17 of 20 held-out images ARE crosses, 15 in a wrong colour: the two
     # extra vectors push "on a <colour> background" two places right, to positions the frozen text encoder only
     # ever saw padding at, and twenty pictures do not teach the UNet to read colours there. So: two vectors
     # (one place), and LoRA (rank 8, every UNet layer: a low-rank update that may memorise the 20 colour pairs
     # less than the whole UNet) with the same distilled prior and the new word "<cross>" in the file beside it
-    "dreambooth+distill150u-w3-unet+tok2sign-lr3e-4-wordlr2e-2-800": dict(
-        method="dreambooth", token="<cross>", init_word="sign", num_vectors=2, lr=3e-4, word_lr=2e-2,
-        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=3.0,
-        steps=800),
-    "lora8all+distill150u-w3+tok1sign-lr1e-3-wordlr2e-2-800": dict(
-        method="lora", lora_targets="all", lora_text_encoder=False, lora_rank=8, token="<cross>", init_word="sign",
-        num_vectors=1, lr=1e-3, word_lr=2e-2, num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model",
-        prior_uncond=0.1, prior_weight=3.0, steps=800),
+    "dreambooth+distill150u-w3-unet+tok2sign-lr3e-4-wordlr2e-2-800": dict(DISTILLED_PRIOR, method="dreambooth",
+        token="<cross>", init_word="sign", num_vectors=2, lr=3e-4, word_lr=2e-2, prior_weight=3.0, steps=800),
+    "lora8all+distill150u-w3+tok1sign-lr1e-3-wordlr2e-2-800": dict(DISTILLED_PRIOR, method="lora",
+        lora_targets="all", lora_text_encoder=False, lora_rank=8, token="<cross>", init_word="sign", num_vectors=1,
+        lr=1e-3, word_lr=2e-2, prior_weight=3.0, steps=800),
     # results (run5.json, 16:31 and 16:36, seed 0): LoRA 55 % / 9.3 points (misses: 4 stars, 5 triangles; squares
     # and stars lost as crosses again) — fails both targets; two vectors 5 % / 1.3 points, 15 of 20 held-out
     # crosses in a wrong colour: one place of shift is enough to break the colours, so one vector it is. The old
     # vocabulary keeps 3–5 points of room (0.0–2.0 lost at λ = 3): spend some on the new word, λ = 2, with the
     # row of "cross" (round 4's recipe, 90 % with seed 0) and with the new word "<cross>" from "sign"
-    "dreambooth+distill150u-w2-unet+word-lr3e-4-wordlr2e-2-800": dict(
-        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
-        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=2.0, steps=800),
-    "dreambooth+distill150u-w2-unet+tok1sign-lr3e-4-wordlr2e-2-800": dict(
-        method="dreambooth", token="<cross>", init_word="sign", num_vectors=1, lr=3e-4, word_lr=2e-2,
-        num_class_images=150, class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=2.0,
-        steps=800),
+    "dreambooth+distill150u-w2-unet+word-lr3e-4-wordlr2e-2-800": dict(DISTILLED_PRIOR, method="dreambooth",
+        train_words="cross", lr=3e-4, word_lr=2e-2, prior_weight=2.0, steps=800),
+    "dreambooth+distill150u-w2-unet+tok1sign-lr3e-4-wordlr2e-2-800": dict(DISTILLED_PRIOR, method="dreambooth",
+        token="<cross>", init_word="sign", num_vectors=1, lr=3e-4, word_lr=2e-2, prior_weight=2.0, steps=800),
     # results (run5.json, 16:43, seed 0, side by side): the row of "cross" at λ = 2: 95 % / 2.0 points (1 miss, a
     # triangle); "<cross>" from "sign" at λ = 2: 80 % / 0.0. The first, by its seed-0 result: seeds 1 and 2 next.
     # Results (16:53, side by side): seed 1 75 % / 4.7 points, seed 2 85 % / 2.7 — fails on seed 1 (4 triangles,
@@ -246,9 +232,8 @@ RECIPES = {
     # (6 triangles, a star), seed 2 85 % / 3.3 — fails on seed 1 as well. Last try in the time left, chosen before
     # any of its runs: λ = 2 with 1200 steps (at λ = 3, 1200 steps took seed 1 from 65 % to 75 %), seeds 0 and 1
     # side by side (a single recipe, both reported whatever they give; seed 2 only if both pass)
-    "dreambooth+distill150u-w2-unet+word-lr3e-4-wordlr2e-2-1200": dict(
-        method="dreambooth", train_words="cross", lr=3e-4, word_lr=2e-2, num_class_images=150,
-        class_prompt=OLD_PROMPTS, prior_target="model", prior_uncond=0.1, prior_weight=2.0, steps=1200),
+    "dreambooth+distill150u-w2-unet+word-lr3e-4-wordlr2e-2-1200": dict(DISTILLED_PRIOR, method="dreambooth",
+        train_words="cross", lr=3e-4, word_lr=2e-2, prior_weight=2.0, steps=1200),
     # results (run5.json, 17:08, side by side, 405 s of training each): seed 0 80 % / 1.3 points, seed 1 100 % /
     # 2.0 — both pass: seed 2 next. Result (17:15): seed 2 95 % / 1.3 points. Both targets met on training seeds
     # 0, 1 and 2 (new word 80/100/95 %, old vocabulary down 1.3/2.0/1.3 points, 388–406 s of training on one core);

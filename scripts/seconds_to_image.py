@@ -15,6 +15,7 @@ Each row: one untimed 1-step call (allocations warmed), then ONE timed txt2img c
     lcm_taesd     the same, decoded by TAESD instead of the KL-VAE
     bf16          the fp32 row with the networks in bfloat16
     bf16_lcm_taesd  bfloat16 + LCM 4 steps + TAESD: the fastest combination
+    bf16_prepack  the bf16 row with the UNet's weights packed for oneDNN (`load_pipeline(..., prepack=True)`)
 
 It also compares the fp32 and bf16 pictures of the first row (same seed, same weights): the bf16 image error at
 full size, in 8-bit levels.
@@ -38,6 +39,12 @@ ROWS = ("fp32", "deepcache", "lcm", "lcm_taesd", "bf16", "bf16_lcm_taesd")
 OPTIONS = {"fp32": {}, "bf16": {}, "deepcache": dict(deepcache_interval=3), "tome": dict(tome_ratio=0.5),
            "lcm": dict(sampler="lcm", steps=4, guidance_scale=1.0)}
 OPTIONS["lcm_taesd"] = OPTIONS["bf16_lcm_taesd"] = OPTIONS["lcm"]
+OPTIONS["bf16_prepack"] = {}
+
+
+def how_loaded(row: str) -> tuple[torch.dtype, bool]:
+    """The pipeline a row runs on: (dtype, prepack)."""
+    return (torch.bfloat16 if row.startswith("bf16") else torch.float32), row.endswith("prepack")
 
 
 def with_taesd(pipe, dtype):
@@ -69,11 +76,9 @@ def main() -> None:
     report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_start": os.getloadavg(),
               "seconds": {}}
     images = {}
-    for dtype, names in ((torch.float32, [r for r in rows if not r.startswith("bf16")]),
-                         (torch.bfloat16, [r for r in rows if r.startswith("bf16")])):
-        if not names:
-            continue
-        pipe = load_ours(path, dtype, "cpu", True)
+    for dtype, prepack in dict.fromkeys(how_loaded(r) for r in rows):       # one pipeline per kind, in row order
+        names = [r for r in rows if how_loaded(r) == (dtype, prepack)]
+        pipe = load_ours(path, dtype, "cpu", True, prepack)
         for row in names:
             runner = with_taesd(pipe, dtype) if row.endswith("taesd") else pipe
             seconds, images[row] = timed(runner, OPTIONS[row])
