@@ -371,7 +371,7 @@ def write_output(cfg: FinetuneConfig, pipe, saved: dict) -> Path:
             save_file({"emb_params": vectors}, str(tmp), metadata=metadata)
         if cfg.method == "textual-inversion":
             return cfg.output
-        next(iter(embeddings.loaded.values())).vectors = vectors           # the pipe keeps the trained word
+        embeddings.loaded[cfg.token.lower()].vectors = vectors             # the pipe keeps the trained word
     path = cfg.output
     if cfg.method == "dreambooth":
         pipe.text_encoder.eval(), pipe.unet.eval()
