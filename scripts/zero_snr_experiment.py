@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldm_scratch.checkpoint import load_models  # noqa: E402
 from ldm_scratch.data import (EXTREME_BACKGROUNDS, caption, check, extreme_background_combinations,  # noqa: E402
-                              train_combinations)
+                              render, train_combinations)
 from ldm_scratch.diffusion import (ZERO_SNR_SIGMA_ALPHA_BAR, Schedule, classifier_free_guidance,  # noqa: E402
                                    eps_and_x0, rescale_guidance)
 from ldm_scratch.tokenizer import load_tokenizer  # noqa: E402
@@ -149,6 +149,18 @@ def grade(images: np.ndarray, combos) -> dict:
                               "read_right": float(np.mean(read)), "border_mean": float(np.mean(
                                   [border(images[i]).mean() for i in rows])), "n": len(rows)}
     return result
+
+
+def autoencoder_ceiling() -> dict:
+    """grade() of the autoencoder's round trip D(E(x)) on rendered pictures of the same 55 combinations: the bound
+    on every arm, which all keep the bundled model's autoencoder (vae_steps=0 — stage 1 never saw these backgrounds)."""
+    vae = load_models(BUNDLED).vae.eval()
+    combos = extreme_background_combinations()
+    pictures = np.stack([np.array(render(*c, rng=np.random.default_rng(i))) for i, c in enumerate(combos)])
+    x = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1                  # [55, 3, 64, 64]
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).mode())
+    return grade(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), combos)
 
 
 def evaluate(model_path: Path, prediction: str, zero_snr: bool, phi: float | None = None) -> tuple[dict, np.ndarray]:
@@ -246,24 +258,32 @@ def table(results: list[dict]) -> str:
 NOT_RUN = "No arm has run yet: `python3 scripts/zero_snr_experiment.py` (a few minutes per arm on a quiet 2-core machine)."
 
 
-def write_docs(out: Path) -> None:
-    """docs/zero_snr_experiment.json and .md (the table) and docs/zero_snr_samples.png from OUT/*/result.json."""
+def write_docs(out: Path, tag: str = "") -> None:
+    """docs/zero_snr_experiment{tag}.json and .md (the table) and docs/zero_snr_samples{tag}.png from
+    OUT/*/result.json."""
     names = ["bundled"] + list(ARMS)
     results = [json.loads((out / n / "result.json").read_text()) for n in names if (out / n / "result.json").is_file()]
     DOCS.mkdir(exist_ok=True)
     record = {"measure": __doc__.split("The measure, fixed before any arm ran: ")[1].split("\n\nEvery arm")[0],
               "fine_tune": FINE_TUNE, "results": results}
-    (DOCS / "zero_snr_experiment.json").write_text(json.dumps(record, indent=1) + "\n")
+    (DOCS / f"zero_snr_experiment{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
     text = table(results) if results else NOT_RUN
-    (DOCS / "zero_snr_experiment.md").write_text(text + "\n")
+    if results:
+        record["autoencoder_ceiling"] = ceiling = autoencoder_ceiling()
+        b, w = ceiling["pure black"], ceiling["pure white"]
+        text += (f"\n\nThe autoencoder's own round trip D(E(x)) of rendered pictures of the same combinations (every "
+                 f"arm's bound): black error {b['error']:.1f}, ≤ 10 {b['within']:.2f}, read {b['read_right']:.2f}; "
+                 f"white error {w['error']:.1f}, ≤ 10 {w['within']:.2f}, read {w['read_right']:.2f}.")
+        (DOCS / f"zero_snr_experiment{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (DOCS / f"zero_snr_experiment{tag}.md").write_text(text + "\n")
     print(text)
     if not results:
-        (DOCS / "zero_snr_samples.png").unlink(missing_ok=True)
+        (DOCS / f"zero_snr_samples{tag}.png").unlink(missing_ok=True)
         return
     grids = [np.load(out / r["arm"] / "samples.npy") for r in results]
     picks = [i for i, c in enumerate(extreme_background_combinations()) if c[0] == "circle"]  # 6 black + 5 white
     rows = torch.from_numpy(np.stack([g[picks] for g in grids])).permute(0, 1, 4, 2, 3).flatten(0, 1)
-    save_grid(rows, len(grids), DOCS / "zero_snr_samples.png")
+    save_grid(rows, len(grids), DOCS / f"zero_snr_samples{tag}.png")
 
 
 def main() -> int:
@@ -274,6 +294,7 @@ def main() -> int:
     parser.add_argument("--without-phi", action="store_true", help="zero-SNR arms: also sample with φ = 0")
     parser.add_argument("--lock", default=None, help="hold this flock file while an arm trains and samples")
     parser.add_argument("--threads", type=int, default=1, help="1 is faster on a busy machine")
+    parser.add_argument("--docs-tag", default="", help="suffix of the docs/ files, e.g. _500steps (another run)")
     parser.add_argument("--table-only", action="store_true", help="only (re)write the docs from OUT/*/result.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -284,7 +305,7 @@ def main() -> int:
                       else run_arm(name, out, args.steps, args.lock, args.without_phi))
             print(name, json.dumps({k: result[k] for k in ("pure black", "pure white", "control_all_three")}),
                   flush=True)
-    write_docs(out)
+    write_docs(out, args.docs_tag)
     return 0
 
 
