@@ -271,9 +271,10 @@ def write_docs(out: Path, tag: str = "") -> None:
     if results:
         record["autoencoder_ceiling"] = ceiling = autoencoder_ceiling()
         b, w = ceiling["pure black"], ceiling["pure white"]
-        text += (f"\n\nThe autoencoder's own round trip D(E(x)) of rendered pictures of the same combinations (every "
-                 f"arm's bound): black error {b['error']:.1f}, ≤ 10 {b['within']:.2f}, read {b['read_right']:.2f}; "
-                 f"white error {w['error']:.1f}, ≤ 10 {w['within']:.2f}, read {w['read_right']:.2f}.")
+        text += (f"\n\nThe autoencoder's own round trip D(E(x)) of rendered pictures of the same combinations "
+                 f"(every arm keeps this autoencoder): black error {b['error']:.1f}, ≤ 10 {b['within']:.2f}, "
+                 f"read {b['read_right']:.2f}; white error {w['error']:.1f}, ≤ 10 {w['within']:.2f}, "
+                 f"read {w['read_right']:.2f}.")
         (DOCS / f"zero_snr_experiment{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
     (DOCS / f"zero_snr_experiment{tag}.md").write_text(text + "\n")
     print(text)
