@@ -363,6 +363,7 @@ def write_output(cfg: FinetuneConfig, pipe, saved: dict) -> Path:
     from safetensors.torch import save_file
 
     from ..checkpoint import save_official
+    from ..textual_inversion import unload_textual_inversion
     metadata = {"ldm_scratch.finetune": cfg.to_json()}
     if cfg.token:                             # the new word's rows E_tok[V:], in the web UI's embedding format
         embeddings = pipe._embeddings
@@ -378,8 +379,7 @@ def write_output(cfg: FinetuneConfig, pipe, saved: dict) -> Path:
         if not cfg.token:
             return save_official(path, pipe.text_encoder, pipe.unet, pipe.vae, pipe.config, overwrite=True)
         words = dict(embeddings.loaded)       # a model file holds the vocabulary's V rows: the word goes beside it
-        embeddings.loaded.clear()
-        embeddings.install(pipe.tokenizer, pipe.text_encoder)               # E_tok [V + n, D] → [V, D]
+        unload_textual_inversion(pipe)                                      # E_tok [V + n, D] → [V, D]
         try:
             return save_official(path, pipe.text_encoder, pipe.unet, pipe.vae, pipe.config, overwrite=True)
         finally:

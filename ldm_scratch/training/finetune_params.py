@@ -18,6 +18,7 @@ from torch import nn
 
 from .lora_training import LoraLayers, context_kv_names
 
+
 def prepare_method(cfg, pipe, word_lr_default: float
                    ) -> tuple[dict[str, nn.Module], list[dict], nn.Module | None]:
     """Freeze the model and make the method's parameters trainable (cfg: a FinetuneConfig): ({name: module whose

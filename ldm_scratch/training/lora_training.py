@@ -54,6 +54,15 @@ def context_kv_names(unet: nn.Module) -> list[str]:
     return names
 
 
+def target_names(network: nn.Module, targets: str) -> set[str]:
+    """The module names of `network` a LoRA may go on: "cross-kv" (context_kv_names), a TARGET_PRESETS name, or
+    a regular expression on our module names (TEXT_TARGETS)."""
+    if targets == "cross-kv":
+        return set(context_kv_names(network))
+    pattern = TARGET_PRESETS.get(targets, targets)
+    return {name for name, _ in network.named_modules() if re.search(pattern, name)}
+
+
 class LoraAdapter(nn.Module):
     """The update (α/r)·B(A x) of one frozen layer: Linear x [..., in] → [..., out], Conv2d [B, in, H, W] →
     [B, out, H', W']."""
@@ -86,17 +95,14 @@ class LoraLayers(nn.Module):
             raise ValueError(f"--lora-rank {rank}: the rank must be at least 1")
         if unet_targets not in TARGET_PRESETS:
             raise ValueError(f"--lora-targets {unet_targets!r}: choose one of {', '.join(TARGET_PRESETS)}")
-        patterns = {"unet": TARGET_PRESETS[unet_targets], "text_encoder": TEXT_TARGETS if text_encoder else None}
-        chosen = {"unet": set(context_kv_names(networks["unet"])) if unet_targets == "cross-kv" else None}
         self.adapters = nn.ModuleDict()
         self.layers: dict[str, tuple[str, str, nn.Module]] = {}       # key → (network, our name, the layer)
         self.n_levels = len(networks["unet"].config.channel_mult)
-        for network, pattern in patterns.items():
-            if pattern is None and chosen.get(network) is None:
-                continue
+        targets = {"unet": target_names(networks["unet"], unet_targets),
+                   "text_encoder": target_names(networks["text_encoder"], TEXT_TARGETS) if text_encoder else set()}
+        for network, names in targets.items():
             for name, layer in networks[network].named_modules():
-                wanted = name in chosen[network] if chosen.get(network) is not None else re.search(pattern, name)
-                if isinstance(layer, (nn.Linear, nn.Conv2d)) and wanted:
+                if name in names and isinstance(layer, (nn.Linear, nn.Conv2d)):
                     key = f"{network}:{name.replace('.', '|')}"
                     self.adapters[key] = LoraAdapter(layer, rank, alpha)
                     self.layers[key] = (network, name, layer)
