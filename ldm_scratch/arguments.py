@@ -67,6 +67,15 @@ def check_guidance(guidance_scale) -> float:
     return float(guidance_scale)
 
 
+def check_guidance_rescale(guidance_rescale) -> float:
+    """guidance_rescale φ: a number in [0, 1] (Lin et al. 2023; 0 = off)."""
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, Real) \
+            or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be a number in [0, 1] (φ of Lin et al. 2023; 0 = off, 0.7 "
+                         f"is their choice), got {guidance_rescale!r}")
+    return float(guidance_rescale)
+
+
 def check_strength(strength, steps: int) -> int:
     """img2img / inpaint strength in (0, 1] → the number of steps that run, int(steps × strength) ≥ 1.
 

@@ -25,6 +25,13 @@ so the blocks give ε(c_I,c_T), ε(c_I,∅), ε(∅,∅). With s_T = s_I = 1 the
 that one batch runs. (diffusers skips guidance whenever s_T ≤ 1 or s_I < 1; we apply the formula for any other
 pair of scales, so such scales differ from diffusers, as pipeline.py's CFG does for s < 1.)
 
+Starting point: the paper samples from pure noise z_T = ε, but training never shows the model pure noise: at
+t = 999 of SD's schedule √ᾱ_t ≈ 0.07, so z_t still carries 7 % of the target's latents (the "signal leak" of
+Lin et al. 2023). `strength` starts instead from the image's latents noised as in img2img,
+z_t = √ᾱ_t·latent_scale·c_I + √(1−ᾱ_t)·ε: strength 1 runs every step and leaves that leak, taken from the image to
+edit; smaller strengths keep more of the image and run fewer steps. None keeps the paper's start. (On the tiny
+model trained here strength 1 kept less than pure noise: README, "A tiny InstructPix2Pix", round 4.)
+
 Random numbers: the mode takes none, so a seed draws the starting noise ε and then the sampler's per-step noise
 (seeds.py), as diffusers.
 """
@@ -35,8 +42,9 @@ from numbers import Real
 
 import torch
 
-from .arguments import prepare
+from .arguments import check_guidance_rescale, prepare
 from .conditioning import StepContexts, step_contexts
+from .diffusion import rescale_guidance
 from .images import images_to_tensor, load_images
 from .seeds import check_latents, make_generators, starting_noise
 
@@ -69,11 +77,13 @@ def image_latents(pipe, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def instruct_model_function(unet, contexts, c_image: torch.Tensor, text_scale: float, image_scale: float, *,
-                            dtype: torch.dtype, guided: bool):
+                            dtype: torch.dtype, guided: bool, guidance_rescale: float = 0.0):
     """eps_model(x, t) → ε̃ [B, 4, h, w] for the samplers.
 
     contexts: a StepContexts (or a tensor) holding [∅; c_T] [2B, 77·K, D] when `guided`, else c_T [B, 77·K, D].
-    c_image: c_I [B, 4, h, w]. One UNet call over [3B, 8, h, w] when guided (row blocks: module docstring)."""
+    c_image: c_I [B, 4, h, w]. One UNet call over [3B, 8, h, w] when guided (row blocks: module docstring).
+    guidance_rescale φ: ε̃ brought back toward the std of the fully conditioned ε(c_I,c_T) (Lin et al. 2023, as
+    pipeline.py's CFG; diffusion.rescale_guidance); 0 = off, the paper's and diffusers' pipeline."""
     if guided:
         c_image = torch.cat([c_image, c_image, torch.zeros_like(c_image)])      # [c_I, c_I, 0]
 
@@ -86,7 +96,8 @@ def instruct_model_function(unet, contexts, c_image: torch.Tensor, text_scale: f
         eps = unet(x_in.to(dtype), t, torch.cat([cond, uncond, uncond])).float()  # contexts [c_T, ∅, ∅]
         eps_text, eps_image, eps_none = eps.chunk(3)          # ε(c_I,c_T), ε(c_I,∅), ε(∅,∅)
         # ε̃ = ε(∅,∅) + s_I·(ε(c_I,∅) − ε(∅,∅)) + s_T·(ε(c_I,c_T) − ε(c_I,∅))    (Brooks et al. 2023, eq 3)
-        return eps_none + image_scale * (eps_image - eps_none) + text_scale * (eps_text - eps_image)
+        guided_eps = eps_none + image_scale * (eps_image - eps_none) + text_scale * (eps_text - eps_image)
+        return rescale_guidance(guided_eps, eps_text, guidance_rescale) if guidance_rescale else guided_eps
     return eps_model
 
 
@@ -96,21 +107,27 @@ def instruct(pipe, image=None, instruction=None, negative_prompt=None, *, image_
              seed: int | None = None, generator=None, latents: torch.Tensor | None = None,
              height: int | None = None, width: int | None = None, output_type: str = "pil", callback=None,
              progress: bool = True, clip_skip: int | None = None, prompt_syntax: str = "a1111",
-             prompt_embeds=None, negative_prompt_embeds=None):
+             prompt_embeds=None, negative_prompt_embeds=None, guidance_rescale: float = 0.0,
+             strength: float | None = None):
     """Edit `image` as `instruction` says. Returns what output_type asks for, as pipe.txt2img.
 
     image: as img2img's init_image (PIL, path, array, tensor [3, H, W] / [K, 3, H, W] in [0, 1], or a list; K = 1
     or one per output image); the output has its size (height/width: rounded down to a multiple of 8).
     instruction: a string or a list (batch), like a prompt; negative_prompt: the ∅ of the guidance (default "").
     image_guidance_scale s_I, guidance_scale s_T: the module docstring's equation. sampler: Euler ancestral by
-    default, the paper's sampler (it uses 100 steps). Other arguments as pipe.txt2img.
+    default, the paper's sampler (it uses 100 steps). guidance_rescale φ in [0, 1]: instruct_model_function (0 =
+    the paper's). strength: None (the paper's) starts from pure noise; a number in (0, 1] starts, as img2img
+    does, from the image's own latents latent_scale·c_I noised to the level of the first step that runs —
+    strength 1 runs every step, and its only difference from None is the signal √ᾱ_t·latent_scale·c_I left at
+    the first timestep (module docstring, "Starting point"). Other arguments as pipe.txt2img.
     """
     check_instruct_model(pipe)
     if image is None:
         raise ValueError("pipe.instruct needs the image to edit: pipe.instruct(image, \"make the circle green\")")
     image_guidance_scale = check_image_guidance(image_guidance_scale)
+    check_guidance_rescale(guidance_rescale)
     prompts, negatives, batch, sampler = prepare(
-        instruction, negative_prompt, num_images, steps, sampler, output_type, pipe.schedule, None, guidance_scale,
+        instruction, negative_prompt, num_images, steps, sampler, output_type, pipe.schedule, strength, guidance_scale,
         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         text_width=pipe.config.text_encoder.width, prompt_syntax=prompt_syntax)
     images = load_images(image, "image")
@@ -131,8 +148,11 @@ def instruct(pipe, image=None, instruction=None, negative_prompt=None, *, image_
         if callback is not None:
             callback(i, t, x0_pred)
     eps_model = instruct_model_function(pipe.unet, contexts, c_image.to(pipe.device), float(guidance_scale),
-                                        image_guidance_scale, dtype=pipe.dtype, guided=guided)
-    result = sampler.sample(eps_model, noise, steps, generator=generators, callback=step_done, progress=progress)
+                                        image_guidance_scale, dtype=pipe.dtype, guided=guided,
+                                        guidance_rescale=guidance_rescale)
+    x0 = None if strength is None else pipe.latent_scale * c_image.to(pipe.device)  # z = latent_scale·E(x).mode
+    result = sampler.sample(eps_model, noise, steps, generator=generators, callback=step_done, progress=progress,
+                            x0=x0, strength=1.0 if strength is None else strength)
     if not torch.isfinite(result).all():
         from .pipeline import NonFiniteOutputError
         raise NonFiniteOutputError(f"the sampled latents contain NaN/inf (UNet in {pipe.dtype}); try "

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .arguments import (check_count, check_memory, check_prompt_syntax, prepare, prompt_inputs,
-                        txt2img_size)
+from .arguments import (check_count, check_guidance_rescale, check_memory, check_prompt_syntax, prepare,
+                        prompt_inputs, txt2img_size)
 from .conditioning import StepContexts, step_contexts
 from .control import ControlledUNet, prepare_controls
 from .fast.deepcache import fast_unet
@@ -216,10 +216,7 @@ class StableDiffusion(LoraMethods, TextualInversionMethods, InstructMethods, Ups
                  batch) -> dict:
         """The ControlNets (control.prepare_controls: checked, hints loaded at the output size) and the guidance
         options, as _run's keyword arguments."""
-        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
-                or not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be a number in [0, 1] (φ of Lin et al. 2023; 0 = off, 0.7 "
-                             f"is their choice), got {guidance_rescale!r}")
+        check_guidance_rescale(guidance_rescale)
         controls = prepare_controls(controlnet, control_image, self.config.unet, scale=scale, start=start, end=end,
                                     height=height, width=width, batch=batch, device=self.device)
         return dict(controls=controls, guess_mode=guess_mode, guidance_rescale=guidance_rescale)

@@ -24,8 +24,9 @@ s_I:s_T pair (no baselines), e.g.
 
     python scripts/eval_instruct.py MODEL --splits train --cases-seed 777 --n 60 --sweep 1.5:7.5,3:7.5,3:3
 
-A sweep entry may also name the sampler and the step count, s_I:s_T:sampler:steps (e.g. 6:4:ddim:50); the
-rest take --sampler and --steps. --cases-seed takes several seeds (777,778): their cases are pooled. With
+A sweep entry may also name the sampler, the step count and the guidance rescale φ, s_I:s_T:sampler:steps:φ
+(e.g. 6:4:ddim:50 or 6:4:dpmpp_2m:50:0.7); the rest take --sampler, --steps and --guidance-rescale.
+--cases-seed takes several seeds (777,778): their cases are pooled. With
 --mix-like-heldout the train split's rates are also given re-weighted to the kinds' shares among the held-out
 cases (`heldout_mix`, e.g. 20 colour : 16 shape : 24 background for n 60): only which cases exist is used, no
 result of them. --ceiling grades, instead of a model, the ground-truth targets and their autoencoder round trip
@@ -55,13 +56,15 @@ def grade(reading: tuple, edit) -> dict:
     return {"edit_right": reading[changed] == edit.value, "kept": kept, "all_three": tuple(reading) == edit.target}
 
 
-def sweep_entry(text: str) -> tuple[float, float, str | None, int | None]:
-    """"6:4" → (6.0, 4.0, None, None); "6:4:ddim:50" → (6.0, 4.0, "ddim", 50) (None: --sampler / --steps)."""
+def sweep_entry(text: str) -> tuple[float, float, str | None, int | None, float | None]:
+    """"6:4" → (6.0, 4.0, None, None, None); "6:4:ddim:50:0.7" → (6.0, 4.0, "ddim", 50, 0.7) (None: --sampler,
+    --steps, --guidance-rescale)."""
     parts = text.split(":")
-    if not 2 <= len(parts) <= 4:
-        raise ValueError(f"sweep entry {text!r}: give s_I:s_T, s_I:s_T:sampler or s_I:s_T:sampler:steps")
+    if not 2 <= len(parts) <= 5:
+        raise ValueError(f"sweep entry {text!r}: give s_I:s_T, optionally followed by :sampler, :steps and :φ "
+                         "(guidance rescale)")
     return (float(parts[0]), float(parts[1]), parts[2] if len(parts) > 2 else None,
-            int(parts[3]) if len(parts) > 3 else None)
+            int(parts[3]) if len(parts) > 3 else None, float(parts[4]) if len(parts) > 4 else None)
 
 
 @torch.inference_mode()
@@ -101,9 +104,11 @@ def image_reliance(pipe, sources, targets, edits, ts=(50, 200, 400, 600, 800, 90
 
 
 def run_method(name: str, pipe, base, sources, edits, args, scales=None, targets=None) -> list[dict]:
-    """One method over all cases, in batches; returns one graded row per case. scales: (s_I, s_T, sampler, steps)
-    for instruct (default: --image-guidance, --guidance, --sampler, --steps). targets: for the ceiling methods."""
-    image_guidance, guidance, sampler, steps = scales or (args.image_guidance, args.guidance, None, None)
+    """One method over all cases, in batches; returns one graded row per case. scales: (s_I, s_T, sampler, steps,
+    φ) for instruct (default: --image-guidance, --guidance, --sampler, --steps, --guidance-rescale). targets: for
+    the ceiling methods."""
+    image_guidance, guidance, sampler, steps, rescale = scales or (args.image_guidance, args.guidance, None, None,
+                                                                   None)
     rows = []
     for first in range(0, len(edits), args.batch):
         part = range(first, min(first + args.batch, len(edits)))
@@ -113,7 +118,9 @@ def run_method(name: str, pipe, base, sources, edits, args, scales=None, targets
             out = ceiling_images(pipe, targets[first:part.stop], name)
         elif name == "instruct":
             out = pipe.instruct(images, [edits[i].instruction for i in part], image_guidance_scale=image_guidance,
-                                guidance_scale=guidance, sampler=sampler or args.sampler, **common)
+                                guidance_scale=guidance, sampler=sampler or args.sampler,
+                                guidance_rescale=args.guidance_rescale if rescale is None else rescale,
+                                strength=args.start_strength, **common)
         else:
             prompts = [edits[i].instruction if name == "img2img_instruction" else caption(*edits[i].target)
                        for i in part]
@@ -153,6 +160,11 @@ def main() -> None:
     parser.add_argument("--sampler", default="euler_a")
     parser.add_argument("--image-guidance", type=float, default=1.5)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="φ of pipe.instruct's guidance rescale (0 = off, the paper's)")
+    parser.add_argument("--start-strength", type=float, default=None,
+                        help="pipe.instruct's strength: start from the source's latents noised to that level "
+                             "(1 = every step, with the signal leak of the first timestep); default: pure noise")
     parser.add_argument("--strength", type=float, default=0.75, help="the img2img baselines' strength")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=50)

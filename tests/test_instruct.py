@@ -63,6 +63,35 @@ def test_model_function_batch_order_and_three_way_equation():
     torch.testing.assert_close(eps, expected)
 
 
+def test_guidance_rescale_brings_the_three_way_result_to_the_conditional_std():
+    """φ = 1: ε̃ rescaled per sample to the std of ε(c_I, c_T); φ = 0.7: the blend 0.7·rescaled + 0.3·ε̃; φ = 0 is
+    the plain formula (the test above)."""
+    generator = torch.Generator().manual_seed(0)
+    x, c_image = torch.randn(2, 4, 3, 3, generator=generator), torch.rand(2, 4, 3, 3, generator=generator) + 1
+    contexts = torch.cat([torch.zeros(2, 5, 6), torch.rand(2, 5, 6, generator=generator)])
+
+    def unet(x_in, t, context):           # each condition scales ε, so the three ε's differ in std
+        return x_in[:, :4] * (1 + x_in[:, 4:].mean(dim=(1, 2, 3), keepdim=True)
+                              + context.mean(dim=(1, 2))[:, None, None, None])
+
+    def eps(phi):
+        return instruct_model_function(unet, contexts, c_image, 4.0, 6.0, dtype=torch.float32,
+                                       guided=True, guidance_rescale=phi)(x, torch.tensor(500))
+    plain, full, blend = eps(0.0), eps(1.0), eps(0.7)
+    e_text = unet(torch.cat([x, c_image], dim=1), None, contexts[2:])         # ε(c_I, c_T)
+    std = lambda e: e.std(dim=(1, 2, 3))
+    torch.testing.assert_close(std(full), std(e_text))
+    torch.testing.assert_close(full, plain * (std(e_text) / std(plain))[:, None, None, None])
+    torch.testing.assert_close(blend, 0.7 * full + 0.3 * plain)
+    assert (std(plain) - std(e_text)).abs().min() > 1e-2                     # the rescale did something
+
+
+@pytest.mark.parametrize("phi", [-0.1, 1.5, "0.7", True])
+def test_refuses_bad_guidance_rescale(tiny, phi):
+    with pytest.raises(ValueError, match="guidance_rescale must be a number in \\[0, 1\\]"):
+        tiny[8][1].instruct(sample_image(64, 64), INSTRUCTION, guidance_rescale=phi, steps=1, progress=False)
+
+
 def test_model_function_unguided_is_one_conditional_call():
     x, c_image, cond = torch.randn(1, 4, 3, 3), torch.rand(1, 4, 3, 3), torch.ones(1, 5, 6)
     unet = RecordingUNet()
@@ -92,6 +121,30 @@ def test_instruct_runs_and_is_reproducible(tiny):
     again = pipe.instruct(image, [INSTRUCTION, "a red circle"], num_images=2, steps=1, seed=5, output_type="np",
                           progress=False)
     np.testing.assert_array_equal(first, again)          # same code, same dtype, same seeds
+
+
+def test_strength_starts_from_the_image_latents(tiny):
+    """strength s: the sampler starts from z = latent_scale·E(x).mode noised to the first step that runs, as
+    img2img. A small strength (1 low-noise step of 20) returns nearly z; None starts from pure noise; strength 1
+    runs every step and differs from None only by the image's signal left at the first timestep."""
+    _, pipe = tiny[8]
+    image = sample_image(64, 64, seed=4)
+    args = dict(steps=20, sampler="ddim", seed=2, output_type="latent", progress=False)
+    with torch.no_grad():
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        z = pipe.latent_scale * pipe.vae.encode(x).mode()
+    near = pipe.instruct(image, INSTRUCTION, strength=0.05, **args)
+    noise_start = pipe.instruct(image, INSTRUCTION, **args)
+    full = pipe.instruct(image, INSTRUCTION, strength=1.0, **args)
+    distance = lambda latents: (latents - z).abs().mean().item()
+    assert distance(near) < 0.2 * distance(noise_start)          # measured 0.037 against 13 (random weights)
+    assert 0 < (full - noise_start).abs().max()
+
+
+@pytest.mark.parametrize("strength, error", [(0.0, ValueError), (1.5, ValueError), ("1", TypeError)])
+def test_refuses_bad_strength(tiny, strength, error):
+    with pytest.raises(error, match="strength"):
+        tiny[8][1].instruct(sample_image(64, 64), INSTRUCTION, strength=strength, steps=2, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,32 @@ def test_weights_of_one_are_the_plain_loss():
     torch.testing.assert_close(ones, plain, rtol=1e-6, atol=0)       # the same sum, grouped per example first
 
 
+def test_empty_text_copies_train_the_empty_instruction_to_keep_the_source(monkeypatch):
+    """empty_text_copies: the examples with the text dropped and the image kept get z_0 = latent_scale · c_I (the
+    source); every other example keeps the edited target's z_0. Without the option, all keep the target."""
+    import ldm_scratch.training.instruct as instruct
+    config = tiny_config(8)
+    seen = {}
+
+    def recording_model(z_t, t, c_image, ids):
+        seen["z_t"], seen["t"], seen["c_image"] = z_t, t, c_image
+        return torch.zeros_like(z_t)
+
+    # text only dropped, image only dropped, both, neither; no noise, so z_t = √ᾱ_t · z_0
+    pattern = (torch.tensor([True, False, True, False]), torch.tensor([False, True, True, False]))
+    monkeypatch.setattr(instruct, "drop_conditions", lambda batch, p, generator: pattern)
+    monkeypatch.setattr(instruct, "training_noise", lambda shape, offset, generator: torch.zeros(shape))
+    data = EditData(torch.full((4, 4, 8, 8), 2.0), torch.full((4, 4, 8, 8), -1.0), torch.zeros(4, 4, 8, 8),
+                    torch.ones(4, 77, dtype=torch.long), torch.zeros(77, dtype=torch.long))
+    schedule, index = Schedule(ScheduleConfig()), torch.arange(4)
+    for copies, expected in ((True, [2.0, -1.0, -1.0, -1.0]), (False, [-1.0, -1.0, -1.0, -1.0])):
+        cfg = InstructTrainConfig(empty_text_copies=copies)
+        instruct_loss(recording_model, data, schedule, 0.5, index, cfg, torch.Generator().manual_seed(0))
+        z0 = seen["z_t"] / schedule.alpha_bar[seen["t"]].sqrt().float()[:, None, None, None]
+        torch.testing.assert_close(z0.mean(dim=(1, 2, 3)), 0.5 * torch.tensor(expected))
+        assert seen["c_image"][[1, 2]].eq(0).all() and seen["c_image"][[0, 3]].eq(2.0).all()
+
+
 def test_edit_pairs_change_one_attribute_and_keep_the_layout():
     assert instruction("colour", ("circle", "red", "blue"), "green") == "make the circle green"
     assert instruction("shape", ("circle", "red", "blue"), "square") == "turn it into a square"

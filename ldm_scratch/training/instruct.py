@@ -21,7 +21,9 @@ instruction but does not keep the image (measured below); γ = k = 1 and β = 0 
   γ (w_t = clamp(1/SNR_t, 1, γ), normalised; `loss_weights`);
 - `image_input_scale` k: a k-times larger learning rate on the new image weights only (`InstructEps`);
 - `image_init` β: the new image weights start as β·latent_scale times the noise weights, not zero (`copy_image_init`);
-- `kind_shares`: the share of colour / shape / background pairs (instruct_data.edit_pairs); "" = a third each.
+- `kind_shares`: the share of colour / shape / background pairs (instruct_data.edit_pairs); "" = a third each;
+- `empty_text_copies`: the examples whose text is dropped and image kept learn to return the source unchanged
+  ("" means "change nothing") instead of the edited target (`instruct_loss`).
 
 Budget: `steps`, and a wall-clock cap `minutes` that stops the run early (it still saves). Data-parallel with
 `torchrun --nproc_per_node 2 scripts/train_instruct.py …` (gloo on CPU): each rank draws its own batches, the
@@ -81,6 +83,7 @@ class InstructTrainConfig:
     image_input_scale: float = 4.0  # k: the image weights' learning rate × k (InstructEps); 1 = paper
     image_init: float = 0.0         # β: image weights start as β·latent_scale·W_noise (copy_image_init); 0 = paper
     kind_shares: str = ""           # "0.3,0.3,0.4": P(colour, shape, background) of the pairs; "" = a third each
+    empty_text_copies: bool = False  # text dropped, image kept → the target is the source itself; False = paper
     train_text_encoder: bool = True
     seed: int = 0
     minutes: float = 20.0           # wall-clock cap: the run stops early (and saves) when it is reached
@@ -249,6 +252,13 @@ def instruct_loss(model: nn.Module, data: EditData, schedule, latent_scale: floa
     eps = training_noise(z0.shape, cfg.offset_noise, generator)                 # ε (+ offset · δ)
     z_t = schedule.q_sample(z0, t, eps)                                         # √ᾱ_t z_0 + √(1−ᾱ_t) ε
     drop_text, drop_image = drop_conditions(len(index), cfg.dropout, generator)
+    if cfg.empty_text_copies:
+        # ε(c_I, ∅) learns "change nothing": z_0 = latent_scale · c_I. The paper keeps the edited target, so
+        # ε(c_I, ∅) is the average over all edits of the source; here s_I·(ε(c_I,∅) − ε(∅,∅)) pulls toward the
+        # source itself and s_T·(ε(c_I,c_T) − ε(c_I,∅)) is the edit alone, relative to the unchanged source
+        copies = (drop_text & ~drop_image)[:, None, None, None]
+        z0 = torch.where(copies, latent_scale * data.c_image[index], z0)
+        z_t = schedule.q_sample(z0, t, eps)                                     # the same t and ε, new z_0
     ids = torch.where(drop_text[:, None], data.empty_ids, data.ids[index])      # c_T → ∅ = CLIP("")
     c_image = data.c_image[index] * (~drop_image)[:, None, None, None]          # c_I → 0
     target = training_target(schedule, z0, t, eps)                              # ε (v for a v-model)
