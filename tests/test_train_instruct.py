@@ -162,6 +162,30 @@ def test_empty_text_copies_train_the_empty_instruction_to_keep_the_source(monkey
         assert seen["c_image"][[1, 2]].eq(0).all() and seen["c_image"][[0, 3]].eq(2.0).all()
 
 
+def test_sampling_t_by_weight_draws_t_from_the_weights_and_drops_them_from_the_loss():
+    """sample_t_by_weight: t ~ w_t / Σw and the loss unweighted. With all the weight on t = 999 every draw is 999;
+    with uniform t the same weights would multiply the loss instead (and draw other t's)."""
+    seen = []
+
+    def recording_model(z_t, t, c_image, ids):
+        seen.append(t.clone())
+        return torch.zeros_like(z_t)
+    data = EditData(torch.ones(8, 4, 8, 8), torch.ones(8, 4, 8, 8), torch.zeros(8, 4, 8, 8),
+                    torch.ones(8, 77, dtype=torch.long), torch.zeros(77, dtype=torch.long))
+    weights = torch.zeros(1000)
+    weights[999] = 1000.0                                                       # mean 1, all on t = 999
+    schedule, index = Schedule(ScheduleConfig()), torch.arange(8)
+    by_weight = instruct_loss(recording_model, data, schedule, 0.5, index,
+                              InstructTrainConfig(sample_t_by_weight=True), torch.Generator().manual_seed(0), weights)
+    assert seen[-1].eq(999).all()
+    # ε-prediction of 0: the unweighted loss is mean ε², about 1 (+ offset noise); weighting by w_t would give ~0
+    # for most t or 1000× at t = 999
+    assert 0.5 < by_weight.item() < 2.0
+    instruct_loss(recording_model, data, schedule, 0.5, index, InstructTrainConfig(),
+                  torch.Generator().manual_seed(0), weights)
+    assert not seen[-1].eq(999).all()
+
+
 def test_edit_pairs_change_one_attribute_and_keep_the_layout():
     assert instruction("colour", ("circle", "red", "blue"), "green") == "make the circle green"
     assert instruction("shape", ("circle", "red", "blue"), "square") == "turn it into a square"

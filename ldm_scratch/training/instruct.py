@@ -23,7 +23,9 @@ instruction but does not keep the image (measured below); γ = k = 1 and β = 0 
 - `image_init` β: the new image weights start as β·latent_scale times the noise weights, not zero (`copy_image_init`);
 - `kind_shares`: the share of colour / shape / background pairs (instruct_data.edit_pairs); "" = a third each;
 - `empty_text_copies`: the examples whose text is dropped and image kept learn to return the source unchanged
-  ("" means "change nothing") instead of the edited target (`instruct_loss`).
+  ("" means "change nothing") instead of the edited target (`instruct_loss`);
+- `sample_t_by_weight`: draw t with probability ∝ w_t and leave the loss unweighted — the same objective in
+  expectation, E_t[w_t·ℓ_t] = Σ_t w_t·ℓ_t / T, but the batch's examples go to the high-noise steps (`instruct_loss`).
 
 Budget: `steps`, and a wall-clock cap `minutes` that stops the run early (it still saves). Data-parallel with
 `torchrun --nproc_per_node 2 scripts/train_instruct.py …` (gloo on CPU): each rank draws its own batches, the
@@ -84,6 +86,7 @@ class InstructTrainConfig:
     image_init: float = 0.0         # β: image weights start as β·latent_scale·W_noise (copy_image_init); 0 = paper
     kind_shares: str = ""           # "0.3,0.3,0.4": P(colour, shape, background) of the pairs; "" = a third each
     empty_text_copies: bool = False  # text dropped, image kept → the target is the source itself; False = paper
+    sample_t_by_weight: bool = False  # t ~ w_t instead of w_t in the loss (same objective); False = weighted loss
     train_text_encoder: bool = True
     seed: int = 0
     minutes: float = 20.0           # wall-clock cap: the run stops early (and saves) when it is reached
@@ -248,7 +251,13 @@ def instruct_loss(model: nn.Module, data: EditData, schedule, latent_scale: floa
     does; weights: w_t [T] (loss_weights), None for the paper's w ≡ 1."""
     z0 = latent_scale * (data.z_mean[index] + data.z_std[index] * torch.randn(data.z_mean[index].shape,
                                                                              generator=generator))
-    t = torch.randint(schedule.n_train_steps, (len(index),), generator=generator)
+    if weights is not None and cfg.sample_t_by_weight:
+        # importance sampling: p(t) = w_t / Σ w, loss unweighted — E_p[ℓ_t] = Σ_t w_t·ℓ_t / Σ_t w_t, the weighted
+        # objective (Σ_t w_t = T after loss_weights' normalisation), with the compute spent where w_t is large
+        t = torch.multinomial(weights, len(index), replacement=True, generator=generator)
+        weights = None
+    else:
+        t = torch.randint(schedule.n_train_steps, (len(index),), generator=generator)
     eps = training_noise(z0.shape, cfg.offset_noise, generator)                 # ε (+ offset · δ)
     z_t = schedule.q_sample(z0, t, eps)                                         # √ᾱ_t z_0 + √(1−ᾱ_t) ε
     drop_text, drop_image = drop_conditions(len(index), cfg.dropout, generator)
