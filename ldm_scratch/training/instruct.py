@@ -39,6 +39,8 @@ Measured (scripts/eval_instruct.py, docs/instruct_eval.json; held-out edits, 60 
   3.2–4.2× at t ≥ 800, and at s_I 6, s_T 4 (chosen on validation layouts) 88 % right, 75 % kept — better, and
   still short of the goal (≥ 90 % kept). The start copied from the noise weights (image_init) made every step-0
   loss worse and was not used.
+- 800-step screens of single changes to that recipe (README round 4): dropout 0.1/0.15, empty_text_copies,
+  γ 5/10/40/80 and sample_t_by_weight all kept no more than γ 20 with k 4 at that length (60–66 % against 64 %).
 
 Output: the model as one official-layout single file (8-channel UNet, its ModelConfig in the metadata) that
 `ldm_scratch.load_pipeline(path)` loads and `pipe.instruct` runs, written atomically, never over an existing file
