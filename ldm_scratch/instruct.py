@@ -147,10 +147,11 @@ def instruct(pipe, image=None, instruction=None, negative_prompt=None, *, image_
         contexts.step_done(i)
         if callback is not None:
             callback(i, t, x0_pred)
-    eps_model = instruct_model_function(pipe.unet, contexts, c_image.to(pipe.device), float(guidance_scale),
+    c_image = c_image.to(pipe.device)
+    eps_model = instruct_model_function(pipe.unet, contexts, c_image, float(guidance_scale),
                                         image_guidance_scale, dtype=pipe.dtype, guided=guided,
                                         guidance_rescale=guidance_rescale)
-    x0 = None if strength is None else pipe.latent_scale * c_image.to(pipe.device)  # z = latent_scale·E(x).mode
+    x0 = None if strength is None else pipe.latent_scale * c_image              # z = latent_scale · E(x).mode
     result = sampler.sample(eps_model, noise, steps, generator=generators, callback=step_done, progress=progress,
                             x0=x0, strength=1.0 if strength is None else strength)
     if not torch.isfinite(result).all():

@@ -43,6 +43,7 @@ import torch
 
 from ldm_scratch.data import caption, check
 from ldm_scratch.pipeline import load_pipeline
+from ldm_scratch.training.dataset import to_model_range
 from ldm_scratch.training.instruct_data import KINDS, edit_pairs
 
 HIDDEN_SEED = 12345   # training draws its pairs with seed 0 (InstructTrainConfig.seed)
@@ -86,9 +87,8 @@ def image_reliance(pipe, sources, targets, edits, ts=(50, 200, 400, 600, 800, 90
 
         L(c) = mean ‖ε − ε_θ(cat[z_t, c], t, CLIP(instruction))‖²,   z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε,
         z_0 = latent_scale · E(target).mode,  ratio_t = L(0) / L(c_I)"""
-    to_model = lambda images: images.float() / 127.5 - 1                        # uint8 → [−1, 1]
-    c_image = pipe.vae.encode(to_model(sources)).mode()                         # c_I, no latent scale
-    z0 = pipe.latent_scale * pipe.vae.encode(to_model(targets)).mode()          # z_0
+    c_image = pipe.vae.encode(to_model_range(sources)).mode()                   # c_I, no latent scale
+    z0 = pipe.latent_scale * pipe.vae.encode(to_model_range(targets)).mode()    # z_0
     context = pipe.text_encoder(pipe.tokenizer([e.instruction for e in edits]))
     generator = torch.Generator().manual_seed(seed)
     eps = torch.randn(z0.shape, generator=generator)
@@ -174,8 +174,8 @@ def main() -> None:
                         help=f"layout seed of the cases (default HIDDEN_SEED = {HIDDEN_SEED}, the graded set; "
                              "another seed with --splits train gives validation cases; several: 777,778, pooled)")
     parser.add_argument("--sweep", default=None,
-                        help="s_I:s_T[:sampler[:steps]] entries, comma-separated: grade instruct at each (no "
-                             "baselines)")
+                        help="s_I:s_T[:sampler[:steps[:φ]]] entries, comma-separated: grade instruct at each "
+                             "(no baselines)")
     parser.add_argument("--mix-like-heldout", action="store_true",
                         help="also give each split's rates re-weighted to the kind shares of the held-out cases")
     parser.add_argument("--ceiling", action="store_true",

@@ -40,8 +40,7 @@ def readings_along_the_way(pipe, sources, edits, args) -> list[dict]:
                               image_guidance_scale=args.image_guidance, guidance_scale=args.guidance,
                               sampler=args.sampler, steps=args.steps, seed=args.seed + first, output_type="np",
                               progress=False, callback=keep_estimate)
-        decoded = {i: (pipe.vae.decode(x0 / pipe.latent_scale) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-                   for i, x0 in estimates.items()}                             # D(x̂₀) in [0, 1], [B, H, W, 3]
+        decoded = {i: pipe._output(x0, "np") for i, x0 in estimates.items()}   # D(x̂₀) in [0, 1], [B, H, W, 3]
         for k, i in enumerate(part):
             kept = lambda image: grade(check(image).as_tuple(), edits[i])["kept"]
             rows.append({"kind": edits[i].kind, "kept_final": kept(final[k]),

@@ -266,7 +266,6 @@ def write_docs(out: Path, tag: str = "") -> None:
     DOCS.mkdir(exist_ok=True)
     record = {"measure": __doc__.split("The measure, fixed before any arm ran: ")[1].split("\n\nEvery arm")[0],
               "fine_tune": FINE_TUNE, "results": results}
-    (DOCS / f"zero_snr_experiment{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
     text = table(results) if results else NOT_RUN
     if results:
         record["autoencoder_ceiling"] = ceiling = autoencoder_ceiling()
@@ -275,7 +274,7 @@ def write_docs(out: Path, tag: str = "") -> None:
                  f"(every arm keeps this autoencoder): black error {b['error']:.1f}, ≤ 10 {b['within']:.2f}, "
                  f"read {b['read_right']:.2f}; white error {w['error']:.1f}, ≤ 10 {w['within']:.2f}, "
                  f"read {w['read_right']:.2f}.")
-        (DOCS / f"zero_snr_experiment{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (DOCS / f"zero_snr_experiment{tag}.json").write_text(json.dumps(record, indent=1) + "\n")
     (DOCS / f"zero_snr_experiment{tag}.md").write_text(text + "\n")
     print(text)
     if not results:
