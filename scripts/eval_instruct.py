@@ -26,7 +26,9 @@ s_I:s_T pair (no baselines), e.g.
 
 A sweep entry may also name the sampler, the step count and the guidance rescale φ, s_I:s_T:sampler:steps:φ
 (e.g. 6:4:ddim:50 or 6:4:dpmpp_2m:50:0.7); the rest take --sampler, --steps and --guidance-rescale.
---cases-seed takes several seeds (777,778): their cases are pooled. With
+--cases-seed takes several seeds (777,778): their cases are pooled. `--splits validation` draws the 15
+VALIDATION_EDITS triples (instruct_data.py): unseen combinations for a model trained with --hold-out-validation,
+so settings can be chosen on combinations it never saw without touching the held-out ones (round 5). With
 --mix-like-heldout the train split's rates are also given re-weighted to the kinds' shares among the held-out
 cases (`heldout_mix`, e.g. 20 colour : 16 shape : 24 background for n 60): only which cases exist is used, no
 result of them. --ceiling grades, instead of a model, the ground-truth targets and their autoencoder round trip
@@ -169,7 +171,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--splits", default="heldout,train", help="which cases: heldout, train or both")
+    parser.add_argument("--splits", default="heldout,train",
+                        help="which cases, comma-separated: heldout, train, validation")
     parser.add_argument("--cases-seed", default=str(HIDDEN_SEED),
                         help=f"layout seed of the cases (default HIDDEN_SEED = {HIDDEN_SEED}, the graded set; "
                              "another seed with --splits train gives validation cases; several: 777,778, pooled)")

@@ -16,7 +16,8 @@ from ldm_scratch.diffusion import Schedule, ScheduleConfig
 from ldm_scratch.training.instruct import (EditData, InstructEps, InstructTrainConfig, copy_image_init,
                                            drop_conditions, fold_image_scale, history_path, instruct_loss, loss_weights,
                                            train_instruct, widen_input)
-from ldm_scratch.training.instruct_data import HELDOUT_EDITS, Edit, allowed_edits, edit_pairs, instruction
+from ldm_scratch.training.instruct_data import (HELDOUT_EDITS, VALIDATION_EDITS, Edit, allowed_edits, edit_pairs,
+                                                 instruction)
 from ldm_scratch.unet import UNet
 from pipeline_fixtures import write_tiny_checkpoint, write_vocabulary
 from tinymodels import randomize, tiny_config
@@ -218,6 +219,25 @@ def test_heldout_edits_are_never_trained():
     assert Edit(("circle", "red", "blue"), "colour", "yellow").triple in HELDOUT_EDITS
     with pytest.raises(ValueError, match="unknown edit split"):
         allowed_edits("test")
+
+
+def test_validation_edits_are_a_second_unseen_set():
+    """15 triples, 5 per kind, disjoint from the held-out ones; every shape / colour once as key and once as value
+    where the kind allows it; trained unless hold_out_validation, and then never drawn."""
+    assert len(set(VALIDATION_EDITS)) == 15 and not set(VALIDATION_EDITS) & set(HELDOUT_EDITS)
+    for kind in ("colour", "shape", "background"):
+        triples = [t for t in VALIDATION_EDITS if t[0] == kind]
+        assert len(triples) == 5 and len({t[1] for t in triples}) == 5 and len({t[2] for t in triples}) == 5
+    validation = allowed_edits("validation")
+    assert {e.triple for e in validation} == set(VALIDATION_EDITS)
+    plain, without = allowed_edits("train"), allowed_edits("train", hold_out_validation=True)
+    assert {e.triple for e in plain} >= set(VALIDATION_EDITS)
+    assert not {e.triple for e in without} & (set(VALIDATION_EDITS) | set(HELDOUT_EDITS))
+    assert len(plain) == len(without) + len(validation)
+    drawn = edit_pairs("train", 400, size=32, seed=5, hold_out_validation=True)[2]
+    assert not {e.triple for e in drawn} & set(VALIDATION_EDITS)
+    cases = edit_pairs("validation", 30, size=32, seed=777)[2]
+    assert {e.triple for e in cases} <= set(VALIDATION_EDITS)
 
 
 # ---------------------------------------------------------------------------------------------------------------

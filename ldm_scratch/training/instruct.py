@@ -24,6 +24,8 @@ instruction but does not keep the image (measured below); γ = k = 1 and β = 0 
 - `kind_shares`: the share of colour / shape / background pairs (instruct_data.edit_pairs); "" = a third each;
 - `empty_text_copies`: the examples whose text is dropped and image kept learn to return the source unchanged
   ("" means "change nothing") instead of the edited target (`instruct_loss`);
+- `hold_out_validation` (not a change to the recipe): training also never draws instruct_data.VALIDATION_EDITS,
+  so a model trained this way can be graded on unseen combinations other than the held-out ones (round 5);
 - `sample_t_by_weight`: draw t with probability ∝ w_t and leave the loss unweighted — the same objective in
   expectation, E_t[w_t·ℓ_t] = Σ_t w_t·ℓ_t / T, but the batch's examples go to the high-noise steps (`instruct_loss`).
 
@@ -89,6 +91,7 @@ class InstructTrainConfig:
     kind_shares: str = ""           # "0.3,0.3,0.4": P(colour, shape, background) of the pairs; "" = a third each
     empty_text_copies: bool = False  # text dropped, image kept → the target is the source itself; False = paper
     sample_t_by_weight: bool = False  # t ~ w_t instead of w_t in the loss (same objective); False = weighted loss
+    hold_out_validation: bool = False  # never draw VALIDATION_EDITS either (a model to choose settings with)
     train_text_encoder: bool = True
     seed: int = 0
     minutes: float = 20.0           # wall-clock cap: the run stops early (and saves) when it is reached
@@ -328,7 +331,8 @@ def train_instruct(cfg: InstructTrainConfig, *, force: bool = False, tokenizer=N
     # from it: the global batch still comes uniformly from all n_pairs, and the encoding (most of the set-up
     # time) is split between the processes
     sources, targets, edits = edit_pairs("train", cfg.n_pairs, config.image_size, cfg.seed, part=(rank, world_size),
-                                         kind_shares=cfg.kind_shares.split(",") if cfg.kind_shares else None)
+                                         kind_shares=cfg.kind_shares.split(",") if cfg.kind_shares else None,
+                                         hold_out_validation=cfg.hold_out_validation)
     data = prepare_edits(vae, tokenizer, sources, targets, [e.instruction for e in edits])
     weights = loss_weights(schedule, cfg.snr_clip) if cfg.snr_clip > 1 else None
     say(f"data ready: {cfg.n_pairs} edit pairs rendered and encoded ({time.time() - start:.0f} s)")

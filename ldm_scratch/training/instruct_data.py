@@ -19,6 +19,12 @@ and the value is the new colour / shape / background. `HELDOUT_EDITS` lists 15 s
 shape or colour once as key and once as value) that training never draws; they ask whether the model composes an
 instruction it has never seen from words it has ("make the circle yellow" is never trained, "make the circle red"
 and "make the square yellow" are). They were fixed before the first training run.
+
+`VALIDATION_EDITS` (round 5) are 15 more triples built the same way, disjoint from the held-out ones, for choosing
+settings on *unseen combinations* without touching the held-out set: a model trained with
+`hold_out_validation=True` never draws them either, so they stand to it as the held-out triples stand to the
+final model. (Validation cases from *trained* triples on new layouts overestimated held-out keeping by ~10 points
+in rounds 3 and 4.)
 """
 from __future__ import annotations
 
@@ -40,8 +46,17 @@ HELDOUT_EDITS = (
     ("background", "circle", "blue"), ("background", "square", "yellow"), ("background", "triangle", "green"),
     ("background", "star", "white"), ("background", "ring", "purple"),
 )
-EDIT_SPLITS = ("train", "heldout")
-_SPLIT_NUMBER = {"train": 10, "heldout": 11}   # seeds the pair generator (shapes.py's splits use 0–2)
+# (kind, key, value): a second unseen set for choosing settings (module docstring); fixed before round 5 ran
+VALIDATION_EDITS = (
+    ("colour", "circle", "green"), ("colour", "square", "purple"), ("colour", "triangle", "blue"),
+    ("colour", "star", "red"), ("colour", "ring", "yellow"),
+    ("shape", "red", "triangle"), ("shape", "green", "square"), ("shape", "blue", "circle"),
+    ("shape", "white", "star"), ("shape", "purple", "ring"),
+    ("background", "circle", "red"), ("background", "square", "green"), ("background", "triangle", "white"),
+    ("background", "star", "yellow"), ("background", "ring", "blue"),
+)
+EDIT_SPLITS = ("train", "heldout", "validation")
+_SPLIT_NUMBER = {"train": 10, "heldout": 11, "validation": 12}   # seeds the pair generator (shapes.py's: 0–2)
 
 
 class Edit(NamedTuple):
@@ -95,15 +110,19 @@ def edit_values(kind: str, source: tuple[str, str, str]) -> list[str]:
     raise ValueError(f"unknown edit kind {kind!r}; use one of {KINDS}")
 
 
-def allowed_edits(split: str) -> list[Edit]:
-    """Every edit of a split, in a fixed order: "train" = all edits of all 150 source combinations whose triple is
-    not held out; "heldout" = those whose triple is."""
+def allowed_edits(split: str, hold_out_validation: bool = False) -> list[Edit]:
+    """Every edit of a split, in a fixed order: "heldout" / "validation" = the edits of all 150 source combinations
+    whose triple is in HELDOUT_EDITS / VALIDATION_EDITS; "train" = all the others except the held-out ones, and
+    except the validation ones too when hold_out_validation."""
     if split not in EDIT_SPLITS:
         raise ValueError(f"unknown edit split {split!r}; use one of {EDIT_SPLITS}")
-    heldout = set(HELDOUT_EDITS)
     edits = [Edit(source, kind, value) for source in all_combinations() for kind in KINDS
              for value in edit_values(kind, source)]
-    return [e for e in edits if (e.triple in heldout) == (split == "heldout")]
+    if split != "train":
+        chosen = set(HELDOUT_EDITS if split == "heldout" else VALIDATION_EDITS)
+        return [e for e in edits if e.triple in chosen]
+    unseen = set(HELDOUT_EDITS) | (set(VALIDATION_EDITS) if hold_out_validation else set())
+    return [e for e in edits if e.triple not in unseen]
 
 
 def pair_images(edit: Edit, size: int, seed: int, index: int, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -126,21 +145,23 @@ def check_kind_shares(kind_shares) -> tuple[float, float, float] | None:
 
 
 def edit_pairs(split: str, n: int, size: int = 64, seed: int = 0, part: tuple[int, int] = (0, 1),
-               kind_shares=None) -> tuple[torch.Tensor, torch.Tensor, list[Edit]]:
+               kind_shares=None, hold_out_validation: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, list[Edit]]:
     """n edit pairs of a split: sources and targets uint8 [n, 3, size, size] and their Edits.
 
     Pair i picks its edit uniformly from `allowed_edits(split)` (each kind about a third) with a Generator seeded
     by (seed, split, i), so a pair never depends on which were drawn before it. part = (k, m): only the pairs
     i ≡ k (mod m) of the n, the same ones whoever asks (one process's share of a data-parallel run).
     kind_shares (colour, shape, background), e.g. (0.3, 0.3, 0.4): the same Generator first draws the kind with
-    these probabilities, then the edit uniformly among that kind's (None: the uniform draw above, unchanged)."""
+    these probabilities, then the edit uniformly among that kind's (None: the uniform draw above, unchanged).
+    hold_out_validation: the "train" split leaves out VALIDATION_EDITS too (allowed_edits)."""
     if n < 1:
         raise ValueError(f"n={n}: ask for at least one edit pair")
     k, m = part
     if not 0 <= k < m:
         raise ValueError(f"part={part!r}: give (k, m) with 0 ≤ k < m")
     shares = check_kind_shares(kind_shares)
-    edits = allowed_edits(split)
+    edits = allowed_edits(split, hold_out_validation)
     by_kind = [[e for e in edits if e.kind == kind] for kind in KINDS]
     indices = range(k, n, m)
     sources = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
