@@ -271,6 +271,22 @@ def test_two_steps_write_a_loadable_instruct_model(micro, tmp_path):
     assert edited.shape == (1, 64, 64, 3) and np.isfinite(edited).all()
 
 
+def test_freeze_text_path_keeps_the_words_as_the_base_model_read_them(micro, tmp_path):
+    """freeze_text_path: the text encoder and every cross-attention's W_K, W_V come out exactly as in the base
+    model; the cross-attention's W_Q and the rest of the UNet train."""
+    base, vocabulary = micro
+    out = tmp_path / "frozen.safetensors"
+    train_instruct(micro_config(base, out, freeze_text_path=True), tokenizer=vocabulary, say=lambda *_: None)
+    before, after = load_models(base), load_models(out)
+    for name, tensor in after.text_encoder.state_dict().items():
+        assert torch.equal(tensor, before.text_encoder.state_dict()[name]), name
+    unet_before, unet_after = before.unet.state_dict(), after.unet.state_dict()
+    keys_values = [n for n in unet_after if ".cross_attn.to_k." in n or ".cross_attn.to_v." in n]
+    assert keys_values and all(torch.equal(unet_after[n], unet_before[n]) for n in keys_values)
+    queries = [n for n in unet_after if ".cross_attn.to_q." in n]
+    assert queries and any(not torch.equal(unet_after[n], unet_before[n]) for n in queries)
+
+
 def test_half_copy_loads_as_the_same_model(micro, tmp_path):
     """--half-copy-of: a float16 file, about half the size, that loads back (as float32) to weights within
     float16's rounding (relative 2⁻¹¹) of the trained ones."""

@@ -26,6 +26,8 @@ instruction but does not keep the image (measured below); γ = k = 1 and β = 0 
   ("" means "change nothing") instead of the edited target (`instruct_loss`);
 - `hold_out_validation` (not a change to the recipe): training also never draws instruct_data.VALIDATION_EDITS,
   so a model trained this way can be graded on unseen combinations other than the held-out ones (round 5);
+- `freeze_text_path`: the text encoder and the cross-attentions' keys and values keep the base model's weights
+  (`freeze_text_keys_values`), so words act on the image as they did in the text-to-image model;
 - `sample_t_by_weight`: draw t with probability ∝ w_t and leave the loss unweighted — the same objective in
   expectation, E_t[w_t·ℓ_t] = Σ_t w_t·ℓ_t / T, but the batch's examples go to the high-noise steps (`instruct_loss`).
 
@@ -93,6 +95,7 @@ class InstructTrainConfig:
     sample_t_by_weight: bool = False  # t ~ w_t instead of w_t in the loss (same objective); False = weighted loss
     hold_out_validation: bool = False  # never draw VALIDATION_EDITS either (a model to choose settings with)
     train_text_encoder: bool = True
+    freeze_text_path: bool = False  # text encoder and cross-attention keys/values stay the base model's (round 5)
     seed: int = 0
     minutes: float = 20.0           # wall-clock cap: the run stops early (and saves) when it is reached
     log_every: int = 50
@@ -197,6 +200,22 @@ def copy_image_init(unet: UNet, beta: float, latent_scale: float, latent_channel
 def fold_image_scale(unet: UNet, image_scale: float, latent_channels: int) -> None:
     """input_conv.weight[:, C:] *= k (C = latent channels): the trained network of InstructEps(k), reading c_I."""
     unet.input_conv.weight[:, latent_channels:] *= image_scale
+
+
+def freeze_text_keys_values(unet: UNet) -> list[str]:
+    """Stop training W_K and W_V of every cross-attention (K = context·W_K, V = context·W_V): with the text
+    encoder also frozen, what a word contributes to the UNet stays what the base text-to-image model learned for
+    it ("yellow" next to "background" → a yellow background), and only where each pixel looks (W_Q) and what it
+    does with what it reads (W_out, the rest of the UNet) train. Returns the frozen parameters' names.
+
+    Why (round 5): trained freely, the instruction's path learned which results follow each instruction in the
+    training pairs — "change the background to yellow" never produced a star there, and on an unseen star it drew a
+    circle or square (validation triples)."""
+    frozen = [name for name, parameter in unet.named_parameters()
+              if ".cross_attn.to_k." in name or ".cross_attn.to_v." in name]
+    for name in frozen:
+        unet.get_parameter(name).requires_grad_(False)
+    return frozen
 
 
 def input_weight_sizes(unet: UNet, latent_channels: int) -> dict[str, float]:
@@ -325,8 +344,10 @@ def train_instruct(cfg: InstructTrainConfig, *, force: bool = False, tokenizer=N
     torch.manual_seed(cfg.seed)
     text_encoder, unet, vae, config, tokenizer, schedule = load_base(cfg, tokenizer)
     vae.eval().requires_grad_(False)
-    text_encoder.train().requires_grad_(cfg.train_text_encoder)
+    text_encoder.train().requires_grad_(cfg.train_text_encoder and not cfg.freeze_text_path)
     unet.train()
+    if cfg.freeze_text_path:
+        freeze_text_keys_values(unet)
     # each rank renders and encodes only its share of the pairs (i ≡ rank mod world_size) and draws its batches
     # from it: the global batch still comes uniformly from all n_pairs, and the encoding (most of the set-up
     # time) is split between the processes
