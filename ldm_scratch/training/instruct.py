@@ -214,10 +214,11 @@ def freeze_text_keys_values(unet: UNet) -> list[str]:
     training pairs — "change the background to yellow" never produced a star there, and on an unseen star it drew a
     circle or square (validation triples). Measured: it did not help (kept 73–80 % against 77–81 % trained freely,
     edits weaker), so what was learned lies in the UNet itself, not in the words' keys and values."""
-    frozen = [name for name, parameter in unet.named_parameters()
-              if ".cross_attn.to_k." in name or ".cross_attn.to_v." in name]
-    for name in frozen:
-        unet.get_parameter(name).requires_grad_(False)
+    frozen = []
+    for name, parameter in unet.named_parameters():
+        if ".cross_attn.to_k." in name or ".cross_attn.to_v." in name:
+            parameter.requires_grad_(False)
+            frozen.append(name)
     return frozen
 
 
