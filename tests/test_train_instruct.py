@@ -13,9 +13,9 @@ from ldm_scratch.checkpoint import load_models
 from ldm_scratch.data import check
 from ldm_scratch.pipeline import load_pipeline
 from ldm_scratch.diffusion import Schedule, ScheduleConfig
-from ldm_scratch.training.instruct import (EditData, InstructEps, InstructTrainConfig, copy_image_init,
-                                           drop_conditions, fold_image_scale, history_path, instruct_loss, loss_weights,
-                                           train_instruct, widen_input)
+from ldm_scratch.training.instruct import (EditData, InstructTrainConfig, drop_conditions, history_path,
+                                           instruct_loss, loss_weights, train_instruct)
+from ldm_scratch.training.instruct_network import InstructEps, copy_image_init, fold_image_scale, widen_input
 from ldm_scratch.training.instruct_data import (HELDOUT_EDITS, VALIDATION_EDITS, Edit, allowed_edits, edit_pairs,
                                                  instruction)
 from ldm_scratch.unet import UNet
