@@ -12,6 +12,9 @@
     finetune_data.py      a fine-tune's image folder and captions; DreamBooth's generated class images
     finetune_command.py   the `finetune` command's flags
     lora_training.py      trainable LoRA layers (W₀x + (α/r)·B(Ax), B = 0 at the start), kohya/diffusers writers
+    instruct.py           a tiny InstructPix2Pix (scripts/train_instruct.py): the recipe, its loss and the run
+    instruct_network.py   the UNet widened to 8 input channels (latents + image latents) and its training handles
+    instruct_data.py      edit pairs from the data generator; the held-out and validation edit triples
 
 The names of config … command are also importable from `ldm_scratch.train`.
 """
