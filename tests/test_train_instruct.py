@@ -12,7 +12,7 @@ import torch
 from ldm_scratch.checkpoint import load_models
 from ldm_scratch.data import check
 from ldm_scratch.pipeline import load_pipeline
-from ldm_scratch.diffusion import Schedule, ScheduleConfig
+from ldm_scratch.diffusion import PREDICTION_TYPES, Schedule, ScheduleConfig
 from ldm_scratch.training.instruct import (EditData, InstructTrainConfig, drop_conditions, history_path,
                                            instruct_loss, loss_weights, train_instruct)
 from ldm_scratch.training.instruct_network import InstructEps, copy_image_init, fold_image_scale, widen_input
@@ -271,6 +271,39 @@ def test_two_steps_write_a_loadable_instruct_model(micro, tmp_path):
     assert edited.shape == (1, 64, 64, 3) and np.isfinite(edited).all()
 
 
+def test_v_prediction_model_says_so_and_learns_v(micro, tmp_path):
+    """prediction_type "v_prediction": the saved file's config says v (so the samplers read the output as v), and
+    the loss's target is v = √ᾱ_t ε − √(1−ᾱ_t) z_0, not ε (checked on the same draws against an ε model)."""
+    base, vocabulary = micro
+    out = tmp_path / "v.safetensors"
+    train_instruct(micro_config(base, out, prediction_type="v_prediction"), tokenizer=vocabulary,
+                   say=lambda *_: None)
+    assert load_models(out).config.prediction_type == "v_prediction"
+    assert load_models(base).config.prediction_type == "epsilon"
+    pipe = load_pipeline(out, tokenizer=vocabulary)
+    assert pipe.schedule.config.prediction_type == "v_prediction"
+    edited = pipe.instruct(np.zeros((64, 64, 3), dtype=np.uint8), "make the circle green", steps=2, seed=0,
+                           output_type="np", progress=False)
+    assert np.isfinite(edited).all()
+
+    config = tiny_config(8)
+    zero = InstructEps(torch.nn.Embedding(100, 32), randomize(UNet(config.unet), seed=3).eval())
+    for p in zero.parameters():
+        torch.nn.init.zeros_(p)                                  # outputs 0: the loss is E‖target‖²
+    generator = torch.Generator().manual_seed(1)
+    data = EditData(torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator),
+                    torch.rand(6, 4, 8, 8, generator=generator), torch.randint(100, (6, 77), generator=generator),
+                    torch.zeros(77, dtype=torch.long))
+    index = torch.tensor([0, 3, 5, 1])
+    losses = {}
+    for kind in PREDICTION_TYPES:
+        schedule = Schedule(ScheduleConfig(prediction_type=kind))
+        with torch.no_grad():
+            losses[kind] = instruct_loss(zero, data, schedule, 0.5, index, InstructTrainConfig(prediction_type=kind),
+                                         torch.Generator().manual_seed(7))
+    assert not torch.isclose(losses["epsilon"], losses["v_prediction"])   # E‖ε‖² ≠ E‖v‖² on these draws
+
+
 def test_freeze_text_path_keeps_the_words_as_the_base_model_read_them(micro, tmp_path):
     """freeze_text_path: the text encoder and every cross-attention's W_K, W_V come out exactly as in the base
     model; the cross-attention's W_Q and the rest of the UNet train."""
@@ -343,6 +376,7 @@ def test_kind_shares_draw_kinds_with_those_probabilities():
     ({"snr_clip": 0.5}, ValueError, ["snr_clip", "≥ 1"]),
     ({"image_input_scale": 0.0}, ValueError, ["image_input_scale"]),
     ({"image_init": -0.1}, ValueError, ["image_init", "≥ 0"]),
+    ({"prediction_type": "x0"}, ValueError, ["prediction_type", "v_prediction"]),
 ])
 def test_bad_settings_fail_early(micro, tmp_path, changes, error, words):
     base, vocabulary = micro

@@ -31,6 +31,12 @@ instruction but does not keep the image (measured below); γ = k = 1 and β = 0 
   (`freeze_text_keys_values`), so words act on the image as they did in the text-to-image model;
 - `sample_t_by_weight`: draw t with probability ∝ w_t and leave the loss unweighted — the same objective in
   expectation, E_t[w_t·ℓ_t] = Σ_t w_t·ℓ_t / T, but the batch's examples go to the high-noise steps (`instruct_loss`).
+- `prediction_type` "v_prediction" (round 6): the UNet learns v = √ᾱ_t ε − √(1−ᾱ_t) z_0 (Salimans & Ho 2022)
+  instead of ε, and the saved file says so. Why: the sampler reads the layout from x̂₀, and with ε-prediction
+  x̂₀ = (z_t − √(1−ᾱ_t) ε̂)/√ᾱ_t multiplies ε̂'s error by √((1−ᾱ)/ᾱ) ≈ 14.6 at t = 999, so the network must carry
+  the source's colour as a 7 % part of an output that is otherwise z_t; with v, x̂₀ = √ᾱ_t z_t − √(1−ᾱ_t) v̂ ≈ −v̂
+  there. In ε terms the plain v loss weighs step t by 1/ᾱ_t = 1 + 1/SNR_t (‖v − v̂‖² = ‖ε − ε̂‖²/ᾱ_t at fixed
+  z_t), a high-noise weight of its own, so it is meant with snr_clip 1.
 
 Budget: `steps`, and a wall-clock cap `minutes` that stops the run early (it still saves). Data-parallel with
 `torchrun --nproc_per_node 2 scripts/train_instruct.py …` (gloo on CPU): each rank draws its own batches, the
@@ -65,7 +71,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..checkpoint import load_models, save_official
-from ..diffusion import eps_loss
+from ..diffusion import PREDICTION_TYPES, eps_loss
 from ..files import write_atomically
 from ..pipeline import BUNDLED_MODEL
 from ..tokenizer import load_tokenizer
@@ -98,6 +104,7 @@ class InstructTrainConfig:
     hold_out_validation: bool = False  # never draw VALIDATION_EDITS either (a model to choose settings with)
     train_text_encoder: bool = True
     freeze_text_path: bool = False  # text encoder and cross-attention keys/values stay the base model's (round 5)
+    prediction_type: str = "epsilon"  # "v_prediction": the UNet learns v instead of ε (round 6); ε = paper
     seed: int = 0
     minutes: float = 20.0           # wall-clock cap: the run stops early (and saves) when it is reached
     log_every: int = 50
@@ -117,6 +124,9 @@ class InstructTrainConfig:
         if not self.snr_clip >= 1 or not self.image_input_scale > 0:
             raise ValueError(f"snr_clip must be ≥ 1 (1 = the paper's plain loss) and image_input_scale > 0, got "
                              f"snr_clip={self.snr_clip!r}, image_input_scale={self.image_input_scale!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got "
+                             f"{self.prediction_type!r}")
         if self.kind_shares:
             check_kind_shares(self.kind_shares.split(","))
         if not self.lr > 0 or not self.minutes > 0:
@@ -238,7 +248,7 @@ def load_base(cfg: InstructTrainConfig, tokenizer=None):
     unet = widen_input(loaded.unet, 2 * loaded.config.latent_channels)
     if tokenizer is None or isinstance(tokenizer, (str, Path, tuple, list)):    # a path for load_tokenizer
         tokenizer = load_tokenizer(tokenizer if tokenizer is not None else loaded.tokenizer_path)
-    config = instruct_config(loaded.config)
+    config = instruct_config(loaded.config, cfg.prediction_type)
     return loaded.text_encoder, unet, loaded.vae, config, tokenizer, config.schedule()
 
 

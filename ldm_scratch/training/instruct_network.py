@@ -17,10 +17,13 @@ from ..configs import ModelConfig
 from ..unet import UNet
 
 
-def instruct_config(config: ModelConfig) -> ModelConfig:
-    """The base model's config with a 2·z-channel UNet input (latents + image latents) and its own name."""
+def instruct_config(config: ModelConfig, prediction_type: str | None = None) -> ModelConfig:
+    """The base model's config with a 2·z-channel UNet input (latents + image latents) and its own name;
+    prediction_type: what the trained UNet will output ("epsilon" or "v_prediction"; None = the base model's), so
+    that the saved file tells the samplers (diffusion.eps_and_x0)."""
     unet = dataclasses.replace(config.unet, in_channels=2 * config.latent_channels)
-    return dataclasses.replace(config, unet=unet, name=f"{config.name}-instruct")
+    return dataclasses.replace(config, unet=unet, name=f"{config.name}-instruct",
+                               prediction_type=prediction_type or config.prediction_type)
 
 
 @torch.no_grad()
