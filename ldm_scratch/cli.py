@@ -295,8 +295,9 @@ def _add_generation_options(p: argparse.ArgumentParser, default_strength: float 
     p.add_argument("--grid", action="store_true", help="also save a grid of the --n images (<out>-grid.png)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="network precision")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps, …")
-    p.add_argument("--prepack", action="store_true", help="CPU: keep the UNet's weights packed for oneDNN (a "
-                   "faster step, one more copy of its weights in memory: +1.6 GiB for SD v1 in bfloat16)")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: keep the UNet's weights packed for oneDNN (a faster step, one more copy of its weights "
+                   "in memory: +1.6 GiB for SD v1 in bfloat16); default: on with --dtype bf16, off in float32")
     p.add_argument("--vocab", default=None, help="tokenizer vocabulary (default: as load_tokenizer finds it)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (kohya/A1111 or diffusers .safetensors) at SCALE (default 1); repeatable")

@@ -91,9 +91,10 @@ def original_config() -> dict:
     return yaml.safe_load((ROOT / "ldm_scratch" / "checkpoint" / "keys" / "v1-inference.yaml").read_text())
 
 
-def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool, prepack: bool = False):
-    """What a user gets from `load_pipeline` (channels_last; with prepack, `load_pipeline(..., prepack=True)`); with
-    channels_last=False the same networks left in PyTorch's default layout (the VAE still in row bands)."""
+def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool, prepack: bool | None = None):
+    """What a user gets from `load_pipeline` (channels_last; prepack as load_pipeline takes it: None = its default,
+    packed weights for bfloat16 on the CPU); with channels_last=False the same networks left in PyTorch's default
+    layout (the VAE still in row bands)."""
     from ldm_scratch.checkpoint import load_models
     from ldm_scratch.fast import use_row_bands
     from ldm_scratch.pipeline import StableDiffusion, load_pipeline
@@ -105,7 +106,7 @@ def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool, 
     models = load_models(path, dtype=dtype)
     text_encoder, unet, vae = (m.eval().to(device) for m in (models.text_encoder, models.unet, models.vae))
     use_row_bands(vae)
-    if prepack:
+    if prepack or (prepack is None and dtype == torch.bfloat16 and device == "cpu"):    # load_pipeline's rule
         from ldm_scratch.fast import prepack_weights
         prepack_weights(unet)
     return StableDiffusion(text_encoder, unet, vae, models.config, tokenizer=load_tokenizer(), device=device)
@@ -411,7 +412,8 @@ def measure_memory(args) -> dict[str, list[dict]]:
     results = {"ours": [], "diffusers": [], "diffusers-folder": []}
     forwarded = ["--checkpoint", str(args.checkpoint), "--dtype", args.dtype, "--device", args.device,
                  "--steps", str(args.steps), "--threads", str(torch.get_num_threads())]
-    forwarded += ["--no-channels-last"] * args.no_channels_last + ["--prepack"] * args.prepack
+    forwarded += ["--no-channels-last"] * args.no_channels_last
+    forwarded += {True: ["--prepack"], False: ["--no-prepack"], None: []}[args.prepack]
     forwarded += ["--diffusers-channels-last"] * args.diffusers_channels_last
     for _ in range(args.memory_repeats):
         for which in results:
@@ -439,8 +441,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's choice)")
     p.add_argument("--no-channels-last", action="store_true", help="run ours in PyTorch's default layout")
-    p.add_argument("--prepack", action="store_true", help="ours with load_pipeline(..., prepack=True): the UNet's "
-                   "weights packed for oneDNN once (ldm_scratch/fast/prepack.py)")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                   help="ours with load_pipeline(..., prepack=True / False): the UNet's weights packed for oneDNN "
+                   "once (ldm_scratch/fast/prepack.py); default: load_pipeline's (packed in bfloat16 on the CPU)")
     p.add_argument("--diffusers-channels-last", action="store_true", help="run diffusers' UNet/VAE channels_last")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--busy", type=int, default=0, metavar="N",

@@ -13,9 +13,10 @@ Each row: one untimed 1-step call (allocations warmed), then ONE timed txt2img c
     tome          the same + tome_ratio=0.5 (token merging; not in the default list: `--only tome`)
     lcm           float32, `sampler="lcm"`, 4 steps, guidance_scale 1.0 (LCM-LoRA's setting: no CFG)
     lcm_taesd     the same, decoded by TAESD instead of the KL-VAE
-    bf16          the fp32 row with the networks in bfloat16
+    bf16          the fp32 row with the networks in bfloat16 (and so, by load_pipeline's default, the UNet's
+                  weights packed for oneDNN)
     bf16_lcm_taesd  bfloat16 + LCM 4 steps + TAESD: the fastest combination
-    bf16_prepack  the bf16 row with the UNet's weights packed for oneDNN (`load_pipeline(..., prepack=True)`)
+    bf16_unpacked the bf16 row without the packed weights (`load_pipeline(..., prepack=False)`)
 
 It also compares the fp32 and bf16 pictures of the first row (same seed, same weights): the bf16 image error at
 full size, in 8-bit levels.
@@ -39,12 +40,12 @@ ROWS = ("fp32", "deepcache", "lcm", "lcm_taesd", "bf16", "bf16_lcm_taesd")
 OPTIONS = {"fp32": {}, "bf16": {}, "deepcache": dict(deepcache_interval=3), "tome": dict(tome_ratio=0.5),
            "lcm": dict(sampler="lcm", steps=4, guidance_scale=1.0)}
 OPTIONS["lcm_taesd"] = OPTIONS["bf16_lcm_taesd"] = OPTIONS["lcm"]
-OPTIONS["bf16_prepack"] = {}
+OPTIONS["bf16_unpacked"] = {}
 
 
-def how_loaded(row: str) -> tuple[torch.dtype, bool]:
-    """The pipeline a row runs on: (dtype, prepack)."""
-    return (torch.bfloat16 if row.startswith("bf16") else torch.float32), row.endswith("prepack")
+def how_loaded(row: str) -> tuple[torch.dtype, bool | None]:
+    """The pipeline a row runs on: (dtype, prepack as load_pipeline takes it: None = its default)."""
+    return (torch.bfloat16 if row.startswith("bf16") else torch.float32), (False if row.endswith("unpacked") else None)
 
 
 def with_taesd(pipe, dtype):

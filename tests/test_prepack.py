@@ -116,7 +116,7 @@ def model(tmp_path_factory):
 def test_pipeline_option_gives_the_same_image(model, dtype):
     path, vocabulary = model
     args = dict(prompt="a red circle", steps=4, sampler="ddim", seed=0, output_type="np", progress=False)
-    plain = load_pipeline(path, tokenizer=vocabulary, dtype=dtype).txt2img(**args)
+    plain = load_pipeline(path, tokenizer=vocabulary, dtype=dtype, prepack=False).txt2img(**args)
     pipe = load_pipeline(path, tokenizer=vocabulary, dtype=dtype, prepack=True)
     assert any(type(m) is PackedConv2d for m in pipe.unet.modules())
     packed = pipe.txt2img(**args)
@@ -124,6 +124,20 @@ def test_pipeline_option_gives_the_same_image(model, dtype):
     # pixels in [0, 1]; float32 rounding-level, or one bfloat16 step of the last layers' outputs
     torch.testing.assert_close(torch.from_numpy(packed), torch.from_numpy(plain),
                                atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+def test_bfloat16_pipelines_are_packed_by_default(model):
+    """prepack=None (the default): packed for bfloat16 on the CPU, not for float32 nor off the fast path."""
+    path, vocabulary = model
+
+    def packed(**options) -> bool:
+        pipe = load_pipeline(path, tokenizer=vocabulary, **options)
+        return any(type(m) is PackedConv2d for m in pipe.unet.modules())
+    assert packed(dtype=torch.bfloat16)
+    assert not packed(dtype=torch.float32) and not packed()
+    assert not packed(dtype=torch.bfloat16, prepack=False)
+    assert not packed(dtype=torch.bfloat16, fast=False)                # the plain networks, as fast=False promises
+    assert packed(dtype=torch.float32, prepack=True)
 
 
 def test_prepack_needs_the_fast_path(model):
@@ -135,7 +149,7 @@ def test_prepack_needs_the_fast_path(model):
 def test_a_lora_loaded_and_unloaded_after_packing_is_used(model, tmp_path):
     path, vocabulary = model
     args = dict(prompt="a red circle", steps=3, sampler="ddim", seed=0, output_type="np", progress=False)
-    plain = load_pipeline(path, tokenizer=vocabulary, dtype=torch.bfloat16)
+    plain = load_pipeline(path, tokenizer=vocabulary, dtype=torch.bfloat16, prepack=False)
     pipe = load_pipeline(path, tokenizer=vocabulary, dtype=torch.bfloat16, prepack=True)
     before = pipe.txt2img(**args)                                   # packs every layer's weight
     lora_file = save(tmp_path, kohya_state(pipe))
@@ -150,7 +164,8 @@ def test_a_lora_loaded_and_unloaded_after_packing_is_used(model, tmp_path):
 
 
 def test_cli_prepack_option_packs_the_unet(monkeypatch, tmp_path):
-    """`ldm-scratch generate --prepack` loads the pipeline with prepack=True (and without it, not)."""
+    """`ldm-scratch generate --prepack` loads the pipeline with prepack=True, --no-prepack with False, and
+    neither with None (load_pipeline's default: packed in bfloat16)."""
     import ldm_scratch.loader as loader
     from ldm_scratch.cli import main
     seen = []
@@ -159,7 +174,7 @@ def test_cli_prepack_option_packs_the_unet(monkeypatch, tmp_path):
         seen.append(kwargs.get("prepack"))
         raise SystemExit(0)                                          # stop before any sampling
     monkeypatch.setattr(loader, "load_pipeline", fake_load_pipeline)
-    for extra in (["--prepack"], []):
+    for extra in (["--prepack"], ["--no-prepack"], []):
         with pytest.raises(SystemExit):
             main(["generate", "a red circle", "--out", str(tmp_path / "x.png"), *extra])
-    assert seen == [True, False]
+    assert seen == [True, False, None]
