@@ -12,9 +12,9 @@ temporaries. Freed memory is handed back to the operating system between the lar
 Speed. channels_last stores activations as [B, h, w, C]: 10–18 % faster convolutions on CPU (scripts/benchmark.py)
 and the UNet's [B, C, h, w] → [B, h·w, C] token view becomes free. Same numbers up to rounding, another layout.
 
-Weight prepacking (prepack.py, opt-in: `install(..., prepack=True)`): the UNet's convolutions (and bfloat16 linear
-layers) keep their weights in oneDNN's blocked layout instead of reordering them at every call; same numbers, one
-more copy of those weights in memory.
+Weight prepacking (prepack.py, `install(..., prepack=True)`; `load_pipeline` asks for it with bfloat16 networks on
+the CPU): the UNet's convolutions (and bfloat16 linear layers) keep their weights in oneDNN's blocked layout
+instead of reordering them at every call; same numbers, one more copy of those weights in memory.
 
 Also here: `decode_tiled` (tiles.py), for images too large to decode whole.
 """
