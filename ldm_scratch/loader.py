@@ -17,6 +17,11 @@ from .fast.taesd import is_taesd, load_taesd
 from .pipeline import BUNDLED_MODEL, StableDiffusion
 
 
+def packs_by_default(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """load_pipeline's prepack=None: packed weights for a bfloat16 UNet on the CPU (its docstring says why)."""
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+
+
 def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None = torch.float32,
                   device: str | torch.device = "cpu", tokenizer=None, fast: bool = True, vae=None,
                   prediction_type: str | None = None, prepack: bool | None = None) -> StableDiffusion:
@@ -58,7 +63,7 @@ def load_pipeline(path=None, *, use_ema: bool = False, dtype: torch.dtype | None
         tokenizer_path, tokenizer = tokenizer, None
     text_encoder, unet, vae = (m.to(device) for m in (loaded.text_encoder, loaded.unet, loaded.vae))
     if prepack is None:
-        prepack = fast and unet.input_conv.weight.dtype == torch.bfloat16 and torch.device(device).type == "cpu"
+        prepack = fast and packs_by_default(unet.input_conv.weight.dtype, device)
     if fast:
         install(text_encoder=text_encoder, unet=unet, vae=vae, prepack=prepack)
     elif prepack:

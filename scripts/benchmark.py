@@ -97,6 +97,7 @@ def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool, 
     layout (the VAE still in row bands)."""
     from ldm_scratch.checkpoint import load_models
     from ldm_scratch.fast import use_row_bands
+    from ldm_scratch.loader import packs_by_default
     from ldm_scratch.pipeline import StableDiffusion, load_pipeline
     from ldm_scratch.tokenizer import load_tokenizer
     if channels_last:
@@ -106,7 +107,7 @@ def load_ours(path: Path, dtype: torch.dtype, device: str, channels_last: bool, 
     models = load_models(path, dtype=dtype)
     text_encoder, unet, vae = (m.eval().to(device) for m in (models.text_encoder, models.unet, models.vae))
     use_row_bands(vae)
-    if prepack or (prepack is None and dtype == torch.bfloat16 and device == "cpu"):    # load_pipeline's rule
+    if prepack or (prepack is None and packs_by_default(dtype, device)):                 # load_pipeline's rule
         from ldm_scratch.fast import prepack_weights
         prepack_weights(unet)
     return StableDiffusion(text_encoder, unet, vae, models.config, tokenizer=load_tokenizer(), device=device)

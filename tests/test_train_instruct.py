@@ -18,6 +18,7 @@ from ldm_scratch.training.instruct import (EditData, InstructTrainConfig, drop_c
 from ldm_scratch.training.instruct_network import InstructEps, copy_image_init, fold_image_scale, widen_input
 from ldm_scratch.training.instruct_data import (HELDOUT_EDITS, VALIDATION_EDITS, Edit, allowed_edits, edit_pairs,
                                                  instruction)
+from ldm_scratch.train import training_target
 from ldm_scratch.unet import UNet
 from pipeline_fixtures import write_tiny_checkpoint, write_vocabulary
 from tinymodels import randomize, tiny_config
@@ -271,9 +272,9 @@ def test_two_steps_write_a_loadable_instruct_model(micro, tmp_path):
     assert edited.shape == (1, 64, 64, 3) and np.isfinite(edited).all()
 
 
-def test_v_prediction_model_says_so_and_learns_v(micro, tmp_path):
+def test_v_prediction_model_says_so_and_learns_v(micro, tmp_path, monkeypatch):
     """prediction_type "v_prediction": the saved file's config says v (so the samplers read the output as v), and
-    the loss's target is v = √ᾱ_t ε − √(1−ᾱ_t) z_0, not ε (checked on the same draws against an ε model)."""
+    the loss's target is v = √ᾱ_t ε − √(1−ᾱ_t) z_0 on the very draws instruct_loss makes."""
     base, vocabulary = micro
     out = tmp_path / "v.safetensors"
     train_instruct(micro_config(base, out, prediction_type="v_prediction"), tokenizer=vocabulary,
@@ -286,6 +287,14 @@ def test_v_prediction_model_says_so_and_learns_v(micro, tmp_path):
                            output_type="np", progress=False)
     assert np.isfinite(edited).all()
 
+    import ldm_scratch.training.instruct as instruct_module
+    seen = []
+
+    def recording_target(schedule, z0, t, eps):
+        target = training_target(schedule, z0, t, eps)
+        seen.append((schedule, z0, t, eps, target))
+        return target
+    monkeypatch.setattr(instruct_module, "training_target", recording_target)
     config = tiny_config(8)
     zero = InstructEps(torch.nn.Embedding(100, 32), randomize(UNet(config.unet), seed=3).eval())
     for p in zero.parameters():
@@ -294,14 +303,30 @@ def test_v_prediction_model_says_so_and_learns_v(micro, tmp_path):
     data = EditData(torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator),
                     torch.rand(6, 4, 8, 8, generator=generator), torch.randint(100, (6, 77), generator=generator),
                     torch.zeros(77, dtype=torch.long))
-    index = torch.tensor([0, 3, 5, 1])
-    losses = {}
     for kind in PREDICTION_TYPES:
-        schedule = Schedule(ScheduleConfig(prediction_type=kind))
         with torch.no_grad():
-            losses[kind] = instruct_loss(zero, data, schedule, 0.5, index, InstructTrainConfig(prediction_type=kind),
-                                         torch.Generator().manual_seed(7))
-    assert not torch.isclose(losses["epsilon"], losses["v_prediction"])   # E‖ε‖² ≠ E‖v‖² on these draws
+            loss = instruct_loss(zero, data, Schedule(ScheduleConfig(prediction_type=kind)), 0.5,
+                                 torch.tensor([0, 3, 5, 1]), InstructTrainConfig(), torch.Generator().manual_seed(7))
+        schedule, z0, t, eps, target = seen[-1]
+        alpha_bar = schedule.alpha_bar[t].float()[:, None, None, None]
+        expected = eps if kind == "epsilon" else alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z0
+        torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss, (expected ** 2).mean(), rtol=1e-5, atol=0)
+
+
+def test_v_loss_is_the_eps_loss_over_alpha_bar():
+    """The docstring's ‖v − v̂‖² = ‖ε − ε̂‖²/ᾱ_t: at a fixed z_t, a prediction read as ε̂ or as v̂ (the same x̂₀)."""
+    schedule = Schedule(ScheduleConfig())
+    generator = torch.Generator().manual_seed(3)
+    z0, eps, eps_hat = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(3))
+    t = torch.tensor([10, 400, 800, 999])
+    alpha_bar = schedule.alpha_bar[t].double()[:, None, None, None]
+    z0, eps, eps_hat = z0.double(), eps.double(), eps_hat.double()
+    z_t = alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * eps
+    x0_hat = (z_t - (1 - alpha_bar).sqrt() * eps_hat) / alpha_bar.sqrt()
+    v, v_hat = (alpha_bar.sqrt() * e - (1 - alpha_bar).sqrt() * x for e, x in ((eps, z0), (eps_hat, x0_hat)))
+    per_step = lambda d: (d ** 2).sum(dim=(1, 2, 3))                                      # noqa: E731
+    torch.testing.assert_close(per_step(v - v_hat), per_step(eps - eps_hat) / alpha_bar.flatten(), rtol=1e-10, atol=0)
 
 
 def test_freeze_text_path_keeps_the_words_as_the_base_model_read_them(micro, tmp_path):
