@@ -26,6 +26,7 @@ s_I:s_T pair (no baselines), e.g.
 
 A sweep entry may also name the sampler, the step count and the guidance rescale φ, s_I:s_T:sampler:steps:φ
 (e.g. 6:4:ddim:50 or 6:4:dpmpp_2m:50:0.7); the rest take --sampler, --steps and --guidance-rescale.
+--timestep-spacing trailing samples from t = T, as a zero-terminal-SNR model (train_instruct.py --zero-snr) is.
 --cases-seed takes several seeds (777,778): their cases are pooled. `--splits validation` draws the 15
 VALIDATION_EDITS triples (instruct_data.py): unseen combinations for a model trained with --hold-out-validation,
 so settings can be chosen on combinations it never saw without touching the held-out ones (round 5). With
@@ -45,6 +46,8 @@ import torch
 
 from ldm_scratch.data import caption, check
 from ldm_scratch.pipeline import load_pipeline
+from ldm_scratch.samplers import get_sampler
+from ldm_scratch.samplers.base import SPACINGS
 from ldm_scratch.training.dataset import to_model_range
 from ldm_scratch.training.instruct_data import KINDS, edit_pairs
 
@@ -105,6 +108,14 @@ def image_reliance(pipe, sources, targets, edits, ts=(50, 200, 400, 600, 800, 90
     return out
 
 
+def spaced(pipe, sampler: str, args):
+    """The sampler by name, or built with --timestep-spacing when given ("trailing" starts at t = T, as a
+    zero-terminal-SNR model is sampled: Lin et al. 2024)."""
+    if args.timestep_spacing is None:
+        return sampler
+    return get_sampler(sampler, schedule=pipe.schedule, timestep_spacing=args.timestep_spacing)
+
+
 def run_method(name: str, pipe, base, sources, edits, args, scales=None, targets=None) -> list[dict]:
     """One method over all cases, in batches; returns one graded row per case. scales: (s_I, s_T, sampler, steps,
     φ) for instruct (default: --image-guidance, --guidance, --sampler, --steps, --guidance-rescale). targets: for
@@ -120,7 +131,7 @@ def run_method(name: str, pipe, base, sources, edits, args, scales=None, targets
             out = ceiling_images(pipe, targets[first:part.stop], name)
         elif name == "instruct":
             out = pipe.instruct(images, [edits[i].instruction for i in part], image_guidance_scale=image_guidance,
-                                guidance_scale=guidance, sampler=sampler or args.sampler,
+                                guidance_scale=guidance, sampler=spaced(pipe, sampler or args.sampler, args),
                                 guidance_rescale=args.guidance_rescale if rescale is None else rescale,
                                 strength=args.start_strength, **common)
         else:
@@ -160,6 +171,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=150, help="cases per split (held-out, trained)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--sampler", default="euler_a")
+    parser.add_argument("--timestep-spacing", default=None, choices=SPACINGS,
+                        help="the instruct sampler's spacing (default: the sampler's own); trailing for zero-SNR models")
     parser.add_argument("--image-guidance", type=float, default=1.5)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--guidance-rescale", type=float, default=0.0,

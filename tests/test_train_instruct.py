@@ -12,6 +12,7 @@ import torch
 from ldm_scratch.checkpoint import load_models
 from ldm_scratch.data import check
 from ldm_scratch.pipeline import load_pipeline
+from ldm_scratch.samplers import get_sampler
 from ldm_scratch.diffusion import PREDICTION_TYPES, Schedule, ScheduleConfig
 from ldm_scratch.training.instruct import (EditData, InstructTrainConfig, drop_conditions, history_path,
                                            instruct_loss, loss_weights, train_instruct)
@@ -329,6 +330,30 @@ def test_v_loss_is_the_eps_loss_over_alpha_bar():
     torch.testing.assert_close(per_step(v - v_hat), per_step(eps - eps_hat) / alpha_bar.flatten(), rtol=1e-10, atol=0)
 
 
+def test_zero_snr_model_says_so_and_sees_no_target_at_t_equal_T(micro, tmp_path):
+    """zero_snr: the saved file's schedule has ᾱ_T = 0, so the noisiest training input is pure noise (z_T = ε,
+    nothing of z_0 left to read) and its v target is −z_0; such a model samples from t = T (trailing)."""
+    base, vocabulary = micro
+    out = tmp_path / "zero.safetensors"
+    train_instruct(micro_config(base, out, prediction_type="v_prediction", zero_snr=True), tokenizer=vocabulary,
+                   say=lambda *_: None)
+    config = load_models(out).config
+    assert config.rescale_zero_terminal_snr and config.prediction_type == "v_prediction"
+    assert not load_models(base).config.rescale_zero_terminal_snr
+    pipe = load_pipeline(out, tokenizer=vocabulary)
+    assert pipe.schedule.alpha_bar[-1] == 0 and pipe.schedule.alpha_bar[-2] > 0
+    sampler = get_sampler("dpmpp_2m", schedule=pipe.schedule, timestep_spacing="trailing")
+    edited = pipe.instruct(np.zeros((64, 64, 3), dtype=np.uint8), "make the circle green", steps=3, seed=0,
+                           sampler=sampler, output_type="np", progress=False)
+    assert np.isfinite(edited).all()
+
+    z0, eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)).unbind(0)
+    t_last = torch.tensor([pipe.schedule.n_train_steps - 1])
+    torch.testing.assert_close(pipe.schedule.q_sample(z0[None], t_last, eps[None])[0], eps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(training_target(pipe.schedule, z0[None], t_last, eps[None])[0], -z0, rtol=0,
+                               atol=1e-6)                           # z_T = ε holds nothing of z_0; v_T = −z_0
+
+
 def test_freeze_text_path_keeps_the_words_as_the_base_model_read_them(micro, tmp_path):
     """freeze_text_path: the text encoder and every cross-attention's W_K, W_V come out exactly as in the base
     model; the cross-attention's W_Q and the rest of the UNet train."""
@@ -402,6 +427,7 @@ def test_kind_shares_draw_kinds_with_those_probabilities():
     ({"image_input_scale": 0.0}, ValueError, ["image_input_scale"]),
     ({"image_init": -0.1}, ValueError, ["image_init", "≥ 0"]),
     ({"prediction_type": "x0"}, ValueError, ["prediction_type", "v_prediction"]),
+    ({"zero_snr": True}, ValueError, ["zero_snr", "--prediction-type v_prediction"]),
 ])
 def test_bad_settings_fail_early(micro, tmp_path, changes, error, words):
     base, vocabulary = micro

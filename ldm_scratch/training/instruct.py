@@ -37,6 +37,11 @@ instruction but does not keep the image (measured below); γ = k = 1 and β = 0 
   the source's colour as a 7 % part of an output that is otherwise z_t; with v, x̂₀ = √ᾱ_t z_t − √(1−ᾱ_t) v̂ ≈ −v̂
   there. In ε terms the plain v loss weighs step t by 1/ᾱ_t = 1 + 1/SNR_t (‖v − v̂‖² = ‖ε − ε̂‖²/ᾱ_t at fixed
   z_t), a high-noise weight of its own, so it is meant with snr_clip 1.
+- `zero_snr` (round 7; needs v_prediction): the β schedule rescaled so that ᾱ_T = 0 (Lin et al. 2024,
+  diffusion.rescale_zero_terminal_snr), and the saved file says so. Why: under SD's schedule z_999 still holds
+  √ᾱ_999 ≈ 6.8 % of the target, so in training the network can read part of the layout from z_t at the noisiest
+  step, where at sampling (pure noise) only c_I has it. At ᾱ_T = 0, z_T = ε and v = −z_0: the target must come
+  from c_I. Sample such a model from t = T (`timestep_spacing="trailing"`); with ε-prediction x̂₀ would be 0/0 there.
 
 Budget: `steps`, and a wall-clock cap `minutes` that stops the run early (it still saves). Data-parallel with
 `torchrun --nproc_per_node 2 scripts/train_instruct.py …` (gloo on CPU): each rank draws its own batches, the
@@ -109,6 +114,7 @@ class InstructTrainConfig:
     train_text_encoder: bool = True
     freeze_text_path: bool = False  # text encoder and cross-attention keys/values stay the base model's (round 5)
     prediction_type: str = "epsilon"  # "v_prediction": the UNet learns v instead of ε (round 6); ε = paper
+    zero_snr: bool = False          # β rescaled so that ᾱ_T = 0 (round 7; with v_prediction); False = paper
     seed: int = 0
     minutes: float = 20.0           # wall-clock cap: the run stops early (and saves) when it is reached
     log_every: int = 50
@@ -131,6 +137,9 @@ class InstructTrainConfig:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got "
                              f"{self.prediction_type!r}")
+        if self.zero_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_snr needs prediction_type v_prediction: at ᾱ_T = 0 the noisy latents are pure "
+                             "noise, so an ε-prediction says nothing about z_0; add --prediction-type v_prediction")
         if self.kind_shares:
             check_kind_shares(self.kind_shares.split(","))
         if not self.lr > 0 or not self.minutes > 0:
@@ -252,7 +261,7 @@ def load_base(cfg: InstructTrainConfig, tokenizer=None):
     unet = widen_input(loaded.unet, 2 * loaded.config.latent_channels)
     if tokenizer is None or isinstance(tokenizer, (str, Path, tuple, list)):    # a path for load_tokenizer
         tokenizer = load_tokenizer(tokenizer if tokenizer is not None else loaded.tokenizer_path)
-    config = instruct_config(loaded.config, cfg.prediction_type)
+    config = instruct_config(loaded.config, cfg.prediction_type, zero_snr=cfg.zero_snr)
     return loaded.text_encoder, unet, loaded.vae, config, tokenizer, config.schedule()
 
 

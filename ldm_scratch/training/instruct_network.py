@@ -17,13 +17,16 @@ from ..configs import ModelConfig
 from ..unet import UNet
 
 
-def instruct_config(config: ModelConfig, prediction_type: str | None = None) -> ModelConfig:
+def instruct_config(config: ModelConfig, prediction_type: str | None = None, zero_snr: bool = False
+                    ) -> ModelConfig:
     """The base model's config with a 2·z-channel UNet input (latents + image latents) and its own name;
     prediction_type: what the trained UNet will output ("epsilon" or "v_prediction"; None = the base model's), so
-    that the saved file tells the samplers (diffusion.eps_and_x0)."""
+    that the saved file tells the samplers (diffusion.eps_and_x0); zero_snr: the β schedule rescaled so that
+    ᾱ_T = 0 (diffusion.rescale_zero_terminal_snr), likewise recorded in the file."""
     unet = dataclasses.replace(config.unet, in_channels=2 * config.latent_channels)
     return dataclasses.replace(config, unet=unet, name=f"{config.name}-instruct",
-                               prediction_type=prediction_type or config.prediction_type)
+                               prediction_type=prediction_type or config.prediction_type,
+                               rescale_zero_terminal_snr=zero_snr or config.rescale_zero_terminal_snr)
 
 
 @torch.no_grad()
