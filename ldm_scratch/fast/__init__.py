@@ -12,6 +12,9 @@ temporaries. Freed memory is handed back to the operating system between the lar
 Speed. channels_last stores activations as [B, h, w, C]: 10–18 % faster convolutions on CPU (scripts/benchmark.py)
 and the UNet's [B, C, h, w] → [B, h·w, C] token view becomes free. Same numbers up to rounding, another layout.
 
+The UNet's feed-forward layers run in blocks of rows at inference (feedforward_rows.py): the same numbers, but
+their 42 MB hidden layer (SD v1 at 512², bfloat16) no longer comes from fresh kernel pages at every call.
+
 Weight prepacking (prepack.py, `install(..., prepack=True)`; `load_pipeline` asks for it with bfloat16 networks on
 the CPU): the UNet's convolutions (and bfloat16 linear layers) keep their weights in oneDNN's blocked layout
 instead of reordering them at every call; same numbers, one more copy of those weights in memory.
@@ -26,16 +29,19 @@ from torch import nn
 from .memory import release_freed_memory
 from .prepack import prepack as prepack_weights
 from .prepack import unpack as unpack_weights
+from .feedforward_rows import use_feedforward_rows
 from .tiles import decode_tiled
 from .vae_bands import use_row_bands
 
-__all__ = ["install", "release_freed_memory", "decode_tiled", "use_row_bands", "prepack_weights", "unpack_weights"]
+__all__ = ["install", "release_freed_memory", "decode_tiled", "use_row_bands", "use_feedforward_rows",
+           "prepack_weights", "unpack_weights"]
 
 
 def install(*, text_encoder: nn.Module | None = None, unet: nn.Module | None = None,
             vae: nn.Module | None = None, prepack: bool = False) -> None:
     """Put the given networks on the fast path, in place: unet and vae in channels_last, the VAE's layers in row
-    bands at inference (`use_row_bands`); then hand the memory the conversion freed back to the OS.
+    bands at inference (`use_row_bands`), the UNet's feed-forward layers in blocks of rows
+    (`use_feedforward_rows`); then hand the memory the conversion freed back to the OS.
 
     Parameters and state_dict keys do not change, so the networks still load, save, train and `.to()` as before
     (with autograd on, the banded layers run the plain code). Installing twice is harmless. text_encoder: accepted
@@ -48,6 +54,8 @@ def install(*, text_encoder: nn.Module | None = None, unet: nn.Module | None = N
             network.to(memory_format=torch.channels_last)
     if vae is not None:
         use_row_bands(vae)
+    if unet is not None:
+        use_feedforward_rows(unet)
     if prepack and unet is not None:
         prepack_weights(unet)
     release_freed_memory()                            # the weights' old copies, left behind by the conversion
