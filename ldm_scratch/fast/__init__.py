@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .feedforward_rows import use_feedforward_rows
 from .memory import release_freed_memory
 from .prepack import prepack as prepack_weights
 from .prepack import unpack as unpack_weights
-from .feedforward_rows import use_feedforward_rows
 from .tiles import decode_tiled
 from .vae_bands import use_row_bands
 
