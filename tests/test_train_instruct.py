@@ -352,6 +352,8 @@ def test_zero_snr_model_says_so_and_sees_no_target_at_t_equal_T(micro, tmp_path)
     torch.testing.assert_close(pipe.schedule.q_sample(z0[None], t_last, eps[None])[0], eps, rtol=0, atol=1e-6)
     torch.testing.assert_close(training_target(pipe.schedule, z0[None], t_last, eps[None])[0], -z0, rtol=0,
                                atol=1e-6)                           # z_T = ε holds nothing of z_0; v_T = −z_0
+    sd_schedule = Schedule(ScheduleConfig())                          # the docstring's "6.8 % of the target"
+    assert sd_schedule.alpha_bar[-1].sqrt() == pytest.approx(0.068, abs=5e-4)
 
 
 def test_freeze_text_path_keeps_the_words_as_the_base_model_read_them(micro, tmp_path):

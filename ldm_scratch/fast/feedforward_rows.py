@@ -33,7 +33,7 @@ from ..spatial_transformer import GEGLUFeedForward
 
 __all__ = ["RowBlockFeedForward", "use_feedforward_rows", "row_blocks", "BLOCK_BYTES", "MMAP_MAX"]
 
-MMAP_MAX = 32 * 2**20       # glibc's mmap threshold never rises above this (64-bit): larger requests always fault
+MMAP_MAX = 32 * 2**20       # glibc's mmap threshold rises to at most this (64-bit; memory.py): larger requests fault
 BLOCK_BYTES = 16 * 2**20     # a block's hidden layer: half of it, well inside what the allocator keeps
 
 
