@@ -17,8 +17,10 @@ memory block after block: the minor page faults of a whole bf16 UNet step went f
 What that buys is small: the level-1 feed-forward, 83 → 68 ms (bfloat16, packed; medians of 12 interleaved calls),
 ≈ 75 ms of a ≈ 6.5 s step (1 %); in float32 240 → 199 ms, ≈ 0.2 s of the step (2 %). On the day it was measured
 whole-step timings moved by ±15 % from call to call, and two sets of 10 interleaved pairs gave paired ratios of
-0.948 and 1.001: the gain is below that noise. Outputs were bit-identical to the one-call path here (bfloat16 and
-float32: oneDNN and MKL gave each row the same result whatever the number of rows).
+0.948 and 1.001: the gain is below that noise. Re-run with `python3 scripts/feedforward_faults.py` (a later run,
+4 pairs: faults 51,188 → 640 per step, level-1 FF 71 → 63 ms, paired ratio 0.966). Outputs were bit-identical to
+the one-call path here (bfloat16 and float32: oneDNN and MKL gave each row the same result whatever the number of
+rows).
 
 Blocks are equal (M cut in 2, 4, 8 … parts) so that a packed linear layer (prepack.py), whose packed weight is
 made for one row count, packs once; a row count that does not halve evenly is left as one call. With autograd
