@@ -132,6 +132,11 @@ def attention_layers(model: nn.Module) -> list[tuple[nn.Module, LayerInfo]]:
     return layers
 
 
+def is_hooked(layer: nn.Module) -> bool:
+    """Whether a `hooks()` block has hooked this attention module (its calls then take the explicit path)."""
+    return layer in _hooked
+
+
 @contextlib.contextmanager
 def hooks(model: nn.Module, fn, where=None):
     """Call `fn(layer, kind, q, k, v, probs)` from every attention layer of `model` while the block runs.

@@ -6,6 +6,8 @@
 - row bands (fast/vae_bands.py): each piece equals its plain counterpart (GroupNorm as an affine map, the banded
   3×3 conv also in place, the upsampled rows), the whole decoder and encoder give the plain numbers to rounding,
   they run only without autograd, and (slow) the full-size decoder's peak memory at 512² is the smaller one measured;
+- the UNet's fast classes (fast/feedforward_rows.py, fast/attention_blocks.py): `install` and `load_pipeline` switch
+  every feed-forward and attention layer to them, the class only (state_dict keys unchanged), and back;
 - tiled decode (fast/tiles.py): one tile covering z is the plain decode exactly; the blending is a partition of
   unity (exact for a decoder that works pixel by pixel); real tiling of a real decoder differs a little (stated).
 """
@@ -22,9 +24,14 @@ import torch.nn.functional as F
 
 from ldm_scratch import fast
 from ldm_scratch.fast import tiles, vae_bands
+from ldm_scratch.fast.attention_blocks import BlockedAttention, use_attention_blocks
+from ldm_scratch.fast.feedforward_rows import RowBlockFeedForward, use_feedforward_rows
+from ldm_scratch.loader import load_pipeline
+from ldm_scratch.spatial_transformer import Attention, GEGLUFeedForward
 from ldm_scratch.unet import UNet, UNetConfig
 from ldm_scratch.vae import VAE, VAEConfig
-from tinymodels import randomize
+from pipeline_fixtures import write_tiny_checkpoint, write_vocabulary
+from tinymodels import randomize, tiny_config
 
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 4, 4))
 
@@ -56,6 +63,31 @@ def band_spy(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # install
 # ---------------------------------------------------------------------------------------------------------------
+
+UNET_FAST_CLASSES = [(GEGLUFeedForward, RowBlockFeedForward, use_feedforward_rows),
+                     (Attention, BlockedAttention, use_attention_blocks)]
+
+
+@pytest.mark.parametrize("plain, faster, switch", UNET_FAST_CLASSES, ids=lambda c: getattr(c, "__name__", ""))
+def test_install_switches_the_unets_layers_and_nothing_else_changes(plain, faster, switch):
+    unet = UNet(tiny_config(4).unet).eval()
+    keys = list(unet.state_dict())
+    fast.install(unet=unet)
+    layers = [m for m in unet.modules() if isinstance(m, plain)]
+    assert layers and all(type(m) is faster for m in layers)
+    assert list(unet.state_dict()) == keys
+    switch(unet, on=False)
+    assert all(type(m) is plain for m in layers)
+
+
+@pytest.mark.parametrize("faster", [c[1] for c in UNET_FAST_CLASSES], ids=lambda c: c.__name__)
+def test_load_pipeline_fast_path_has_the_unets_fast_classes(tmp_path, faster):
+    path, vocabulary = write_tiny_checkpoint(tmp_path / "tiny.safetensors", 4), write_vocabulary(tmp_path / "tok")
+    fast_pipe = load_pipeline(path, tokenizer=vocabulary)
+    plain_pipe = load_pipeline(path, tokenizer=vocabulary, fast=False)
+    assert any(type(m) is faster for m in fast_pipe.unet.modules())
+    assert not any(type(m) is faster for m in plain_pipe.unet.modules())
+
 
 def test_install_makes_decode_and_encode_use_bands_and_a_plain_vae_never_does(tiny_vae, band_spy, monkeypatch):
     monkeypatch.setattr(vae_bands, "BANDED_FROM_ROWS", 80)                # (512 at full size: too big for a test)

@@ -1,5 +1,5 @@
 """The UNet's feed-forward in blocks of rows at inference (ldm_scratch/fast/feedforward_rows.py): the same outputs as
-the one-call GEGLUFeedForward, blocks as the rule says, plain autograd, and on the fast path that load_pipeline takes.
+the one-call GEGLUFeedForward, blocks as the rule says, plain autograd (install and load_pipeline: tests/test_fast.py).
 
 Tolerance. Each row's result depends on that row alone, so only the matrix-product kernel could tell a block from
 the whole: here oneDNN (bfloat16) and MKL (float32) gave bit-identical outputs for the SD v1 shapes. On another CPU
@@ -9,13 +9,9 @@ a library may pick another kernel for another row count, so the checks allow rou
 import pytest
 import torch
 
-from ldm_scratch.fast import install, prepack_weights
+from ldm_scratch.fast import prepack_weights
 from ldm_scratch.fast.feedforward_rows import MMAP_MAX, RowBlockFeedForward, row_blocks, use_feedforward_rows
-from ldm_scratch.loader import load_pipeline
 from ldm_scratch.spatial_transformer import GEGLUFeedForward
-from ldm_scratch.unet import UNet
-from pipeline_fixtures import write_tiny_checkpoint, write_vocabulary
-from tinymodels import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,22 +63,3 @@ def test_training_runs_the_one_call_forward():
     ff.geglu.register_forward_hook(lambda module, args, out: calls.append(args[0].numel() // 16))
     ff(x).square().sum().backward()
     assert calls == [16] and x.grad is not None and ff.geglu.weight.grad is not None
-
-
-def test_install_switches_the_unet_and_nothing_else_changes():
-    unet = UNet(tiny_config(4).unet).eval()
-    keys = list(unet.state_dict())
-    install(unet=unet)
-    blocks = [m for m in unet.modules() if isinstance(m, GEGLUFeedForward)]
-    assert blocks and all(type(m) is RowBlockFeedForward for m in blocks)
-    assert list(unet.state_dict()) == keys
-    use_feedforward_rows(unet, on=False)
-    assert all(type(m) is GEGLUFeedForward for m in blocks)
-
-
-def test_load_pipeline_fast_path_has_it(tmp_path):
-    path, vocabulary = write_tiny_checkpoint(tmp_path / "tiny.safetensors", 4), write_vocabulary(tmp_path / "tok")
-    fast = load_pipeline(path, tokenizer=vocabulary)
-    plain = load_pipeline(path, tokenizer=vocabulary, fast=False)
-    assert any(type(m) is RowBlockFeedForward for m in fast.unet.modules())
-    assert not any(type(m) is RowBlockFeedForward for m in plain.unet.modules())

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..spatial_transformer import GEGLUFeedForward
+from .switch import switch_class
 
 __all__ = ["RowBlockFeedForward", "use_feedforward_rows", "row_blocks", "BLOCK_BYTES", "MMAP_MAX"]
 
@@ -71,9 +72,4 @@ class RowBlockFeedForward(GEGLUFeedForward):
 def use_feedforward_rows(network: nn.Module, on: bool = True) -> nn.Module:
     """Switch every GEGLUFeedForward of network to RowBlockFeedForward (on=False: back), in place, the class only;
     parameters and state_dict keys do not change. Returns network."""
-    for module in network.modules():
-        if on and type(module) is GEGLUFeedForward:
-            module.__class__ = RowBlockFeedForward
-        elif not on and type(module) is RowBlockFeedForward:
-            module.__class__ = GEGLUFeedForward
-    return network
+    return switch_class(network, GEGLUFeedForward, RowBlockFeedForward, on)
