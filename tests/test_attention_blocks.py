@@ -66,7 +66,7 @@ def test_bfloat16_self_attention_takes_the_blocks(monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), atol=0.02, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["float32", "upcast", "few keys", "hooked", "training"])
+@pytest.mark.parametrize("case", ["float32", "not the CPU", "upcast", "few keys", "hooked", "training"])
 def test_the_plain_path_where_blocks_do_not_apply(case, monkeypatch):
     import ldm_scratch.fast.attention_blocks as module
     monkeypatch.setattr(module, "blocked_attention", lambda *a, **kw: pytest.fail(f"blocks taken ({case})"))
@@ -80,6 +80,11 @@ def test_the_plain_path_where_blocks_do_not_apply(case, monkeypatch):
         out = blocked(x.requires_grad_())
         out.float().square().sum().backward()
         assert x.grad is not None and blocked.to_q.weight.grad is not None
+        return
+    if case == "not the CPU":                                     # the meta device stands in for a GPU
+        blocked.to("meta")
+        with torch.inference_mode():
+            assert blocked(x.to("meta")).device.type == "meta"
         return
     if case == "hooked":
         seen = []

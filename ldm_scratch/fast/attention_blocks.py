@@ -21,8 +21,8 @@ What it costs: the kernel keeps Q Kᵀ in float32 up to the softmax; here the sc
 of mantissa) first, as in diffusers' classic AttnProcessor (`baddbmm` in the model's dtype) and PyTorch's math
 path. The scores are sums of products of q and k, which are already bfloat16 (rounded to the same 8 bits) when they
 come out of W_q and W_k; the README ("Fast on a CPU", bfloat16) gives the measured effect on the UNet's output and
-the pictures. Only bfloat16 takes this path: in float16 a score can overflow (SD 2.1, `Attention.upcast`), in
-float32 the kernel is as fast. Hooked layers (editing/, `attention.hooks`), upcast layers and training (autograd
+the pictures. Only bfloat16 on the CPU takes this path: in float16 a score can overflow (SD 2.1,
+`Attention.upcast`), in float32 the kernel is as fast, and a GPU's fused kernels are another matter. Hooked layers (editing/, `attention.hooks`), upcast layers and training (autograd
 recording) run the plain Attention.forward.
 """
 from __future__ import annotations
@@ -73,15 +73,16 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads
 
 class BlockedAttention(Attention):
     """Attention whose bfloat16 self-attention runs as `blocked_attention` at inference (module docstring); the
-    same parameters. Everything else (cross-attention, other dtypes, hooks, upcast, training) is Attention's.
+    same parameters. Everything else (cross-attention, other dtypes and devices, hooks, upcast, training) is
+    Attention's.
     `min_keys` (class attribute, MIN_KEYS) can be lowered on an instance to put smaller layers on the blocks."""
 
     min_keys = MIN_KEYS
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         keys = x if context is None else context
-        if (x.dtype != torch.bfloat16 or self.upcast or keys.shape[1] < self.min_keys or is_hooked(self)
-                or torch.is_grad_enabled()):                        # training: autograd's plain path
+        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.upcast or keys.shape[1] < self.min_keys
+                or is_hooked(self) or torch.is_grad_enabled()):    # training: autograd's plain path
             return super().forward(x, context)
         return self.to_out(blocked_attention(self.to_q(x), self.to_k(keys), self.to_v(keys), self.n_heads))
 
