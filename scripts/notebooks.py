@@ -2,12 +2,13 @@
 
     python3 scripts/notebooks.py build [NAME ...]   # execute the sources, (re)write the .ipynb with their outputs
     python3 scripts/notebooks.py check              # the committed .ipynb are fresh, executed, clean (check_notebooks.py)
+    python3 scripts/notebooks.py shrink [NAME ...]  # re-encode the committed notebooks' figures as build does
 
 The sources are jupytext percent-format scripts: `# %%` starts a code cell, `# %% [markdown]` a markdown cell whose
 lines are comments. Edit them like any Python file (they also run as plain scripts), then `build`. Build converts
 each source with jupytext, runs it top to bottom in a fresh kernel in an empty temporary directory (so it cannot
 lean on files lying around in the repository), scrubs what would tie the file to this machine (paths, timings,
-Python version) and writes the .ipynb atomically. `tests/test_notebooks.py` runs every source the same way and
+Python version), re-encodes its figures losslessly (`small_png`) and writes the .ipynb atomically. `tests/test_notebooks.py` runs every source the same way and
 fails when a committed notebook is stale against its source; GitHub shows the committed .ipynb with its figures.
 """
 from __future__ import annotations
@@ -128,6 +129,34 @@ def clean(notebook, workdir: Path):
     return notebook
 
 
+def small_png(data: str) -> str:
+    """A base64 PNG re-encoded with the same pixels in fewer bytes: matplotlib writes RGBA, and every figure here is
+    opaque, so the alpha channel carries nothing; without it, and with the encoder's `optimize`, the notebooks'
+    figures take ≈ 11 % fewer bytes (their total is capped by scripts/check_notebooks.py). A figure with any
+    transparent pixel, or one that would not shrink, is kept as it was."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    if image.mode == "RGBA" and image.getextrema()[3][0] < 255:
+        return data
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "PNG", optimize=True)
+    smaller = base64.b64encode(out.getvalue()).decode("ascii")
+    return smaller if len(smaller) < len(data) else data
+
+
+def shrink_figures(notebook):
+    """Every image/png output of the notebook through `small_png`, in place; returns the notebook."""
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                output.data["image/png"] = small_png(output.data["image/png"])
+    return notebook
+
+
 def render(notebook) -> str:
     """The .ipynb text: sorted keys and one-space indents, so diffs stay small."""
     return json.dumps(notebook, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
@@ -157,6 +186,7 @@ def build(source: Path) -> Path:
         workdir = Path(workdir).resolve()
         seconds = execute(notebook, workdir)
         clean(notebook, workdir)
+    shrink_figures(notebook)
     nbformat.validate(notebook)
     target = source.with_suffix(".ipynb")
     text = render(notebook)
@@ -166,12 +196,25 @@ def build(source: Path) -> Path:
     return target
 
 
+def shrink(target: Path) -> None:
+    """Re-encode a committed notebook's figures as `build` does (`small_png`: the same pixels); nothing re-runs."""
+    import nbformat
+
+    notebook = nbformat.reads(target.read_text(encoding="utf-8"), as_version=4)
+    before = target.stat().st_size
+    text = render(shrink_figures(notebook))
+    write_atomically(target, text)
+    print(f"wrote notebooks/{target.name}: {before / 1e3:.0f} → {len(text.encode()) / 1e3:.0f} kB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="execute the sources and write the .ipynb files")
     build_parser.add_argument("names", nargs="*", help="notebooks to build, e.g. 03 or 03_unet (default: all)")
     commands.add_parser("check", help="run scripts/check_notebooks.py on the committed notebooks")
+    shrink_parser = commands.add_parser("shrink", help="re-encode the committed notebooks' figures (same pixels)")
+    shrink_parser.add_argument("names", nargs="*", help="notebooks to shrink (default: all)")
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -182,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print(f"no source matches {args.names} in notebooks/", file=sys.stderr)
         return 1
+    if args.command == "shrink":
+        for source in chosen:
+            shrink(source.with_suffix(".ipynb"))
+        return 0
     for source in chosen:                    # one at a time: each kernel uses every core it is given
         build(source)
     return 0

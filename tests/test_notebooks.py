@@ -157,6 +157,45 @@ def test_the_build_scrubs_machine_paths(tmp_path):
                                              "~/.cache/ldm_scratch/merges.txt")
 
 
+def png_base64(alpha: int) -> tuple[str, "np.ndarray"]:
+    """A matplotlib-like RGBA figure (a gradient with a line, alpha everywhere `alpha`) as base64 PNG, and its pixels."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((60, 80, 4), dtype=np.uint8)
+    pixels[..., 0] = np.arange(80)[None, :] * 3
+    pixels[..., 1] = np.arange(60)[:, None] * 4
+    pixels[30, :, :3] = 255
+    pixels[..., 3] = alpha
+    out = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode("ascii"), pixels
+
+
+def decoded(data: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGBA"))
+
+
+def test_the_build_shrinks_opaque_figures_to_the_same_pixels():
+    data, pixels = png_base64(alpha=255)
+    smaller = builder.small_png(data)
+    assert len(smaller) < len(data)
+    assert (decoded(smaller) == pixels).all()
+
+
+def test_the_build_keeps_a_figure_with_transparency_as_it_is():
+    data, _ = png_base64(alpha=128)
+    assert builder.small_png(data) == data
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Every notebook runs
 # ---------------------------------------------------------------------------------------------------------------
