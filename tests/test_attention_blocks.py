@@ -48,6 +48,14 @@ def test_blocks_compute_softmax_attention(rows):
     torch.testing.assert_close(out.float(), reference(q, k, v, 4), atol=0.02, rtol=0)
 
 
+@pytest.mark.parametrize("rows, heads, message", [(0, 4, "positive"), (-5, 4, "positive"), (2.5, 4, "positive"),
+                                                  (None, 3, "do not split into 3 heads")])
+def test_bad_blocks_are_refused(rows, heads, message):
+    q = k = v = torch.zeros(1, 8, 64).bfloat16()
+    with pytest.raises(ValueError, match=message):
+        blocked_attention(q, k, v, n_heads=heads, rows=rows)
+
+
 def layer(dtype=torch.bfloat16, upcast=False, context_dim=None, seed=0) -> Attention:
     torch.manual_seed(seed)
     return Attention(32, 4, context_dim=context_dim, upcast=upcast).to(dtype).eval()

@@ -53,6 +53,11 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads
     q [B, N, C], k and v [B, M, C] with C = n_heads · d  →  [B, N, C], in q's dtype.
     """
     batch, n_queries, channels = q.shape
+    if channels % n_heads:
+        raise ValueError(f"blocked_attention: {channels} channels do not split into {n_heads} heads")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"blocked_attention: rows must be a positive number of queries or None (the 4 MiB rule), "
+                         f"got {rows!r}")
     d_head = channels // n_heads
     rows = rows or query_rows(n_queries, k.shape[1], q.element_size())
     # [B, N, heads, d] views: a head's queries (or keys) are a [N, d] matrix with row stride C, which the matrix
