@@ -147,7 +147,7 @@ plt.show()
 
 # %% [markdown]
 # **What it costs.** The kernel keeps $S$ in float32 until the softmax; the blocks round it to bfloat16 first,
-# which moves a score $s$ by up to $|s|\cdot2^{-9}$, so the error grows with the scores' size. Against float32
+# which moves a score $s$ by up to $|s|\cdot2^{-8}$, so the error grows with the scores' size. Against float32
 # attention on the same bfloat16 q, k, v, scaling q to make the scores larger:
 
 # %%

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,12 +30,6 @@ SHAPES = [(4096, 4096, 40, "level 1 self"), (1024, 1024, 80, "level 2 self"), (2
           (4096, 77, 40, "level 1 cross")]                     # (queries N, keys M, d_head, what)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def attention_alone(repeats: int) -> None:
     generator = torch.Generator().manual_seed(0)
     for n, m, d, what in SHAPES:
@@ -50,7 +43,7 @@ def attention_alone(repeats: int) -> None:
             call()
         for _ in range(repeats):
             for name, call in calls.items():
-                times[name].append(timed(call))
+                times[name].append(benchmark.timed(call))
         kernel, blocks = (statistics.median(times[name]) * 1e3 for name in calls)
         print(f"{what:14s} [2, 8, {n}, {d}] × {m} keys: kernel {kernel:.1f} ms, blocks {blocks:.1f} ms")
 
@@ -67,20 +60,9 @@ def inputs(count: int, dtype: torch.dtype):
 def whole_steps(path: Path, pairs: int) -> None:
     pipe = benchmark.load_ours(path, torch.bfloat16, "cpu", True)
     x, t, context = next(inputs(1, torch.bfloat16))
-    times = {False: [], True: []}
     with torch.inference_mode():
-        for blocks in (False, True):                              # warm both paths
-            use_attention_blocks(pipe.unet, blocks)
-            pipe.unet(x, t, context)
-        for i in range(pairs):
-            for blocks in ((False, True) if i % 2 == 0 else (True, False)):
-                use_attention_blocks(pipe.unet, blocks)
-                times[blocks].append(timed(lambda: pipe.unet(x, t, context)))
-    for blocks, name in ((False, "kernel"), (True, "blocks")):
-        print(f"UNet step bf16, attention {name}: median {statistics.median(times[blocks]):.3f} s "
-              f"(range {min(times[blocks]):.2f}–{max(times[blocks]):.2f})")
-    ratios = [b / a for a, b in zip(times[False], times[True])]
-    print(f"paired ratio blocks / kernel: median {statistics.median(ratios):.3f}")
+        benchmark.switched_pairs(lambda on: use_attention_blocks(pipe.unet, on), lambda: pipe.unet(x, t, context),
+                                 pairs, ("attention kernel", "attention blocks"))
 
 
 def errors(path: Path, count: int) -> None:

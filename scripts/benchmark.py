@@ -320,6 +320,35 @@ def interleaved(pair: tuple, warmup: int, repeats: int, device: str) -> tuple[li
     return times
 
 
+def timed(fn) -> float:
+    """Seconds one call of fn takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def switched_pairs(switch, run, pairs: int, names: tuple[str, str], probe=None) -> None:
+    """Time `run` with a fast path off and on (`switch(False)` / `switch(True)`), one warm call each, then `pairs`
+    interleaved pairs whose order alternates, so that drifts in machine load hit both alike. Prints the medians, the
+    median paired ratio on/off and, with `probe` (a counter read before and after each call), its median change."""
+    times, counts = {False: [], True: []}, {False: [], True: []}
+    for on in (False, True):                                           # warm both paths (packing, allocator)
+        switch(on)
+        run()
+    for i in range(pairs):
+        for on in ((False, True) if i % 2 == 0 else (True, False)):
+            switch(on)
+            before = probe() if probe else 0
+            times[on].append(timed(run))
+            counts[on].append((probe() if probe else 0) - before)
+    for on, name in zip((False, True), names):
+        extra = f", {probe.__name__.replace('_', ' ')} per call {statistics.median(counts[on]):.0f}" if probe else ""
+        print(f"UNet step, {name}: median {statistics.median(times[on]):.3f} s "
+              f"(range {min(times[on]):.2f}–{max(times[on]):.2f}){extra}")
+    ratios = [b / a for a, b in zip(times[False], times[True])]
+    print(f"paired ratio {names[1]} / {names[0]}: median {statistics.median(ratios):.3f}")
+
+
 def unet_flops(dtype: torch.dtype) -> int:
     """FLOPs of one CFG UNet step (batch 2, 64×64), counted on the meta device: no memory, no compute."""
     from torch.utils.flop_counter import FlopCounterMode

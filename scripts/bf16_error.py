@@ -33,9 +33,10 @@ from ldm_scratch.fast.attention_blocks import BlockedAttention  # noqa: E402
 def pictures(dtype: torch.dtype, prompts: list[str], seeds: int, all_blocks: bool = False) -> np.ndarray:
     """[seeds · len(prompts), 64, 64, 3] float32 in [0, 1]; picture i of seed s uses seed 1000·s + i."""
     pipe = ldm_scratch.load_pipeline(dtype=dtype)
-    for module in pipe.unet.modules():
-        if all_blocks and isinstance(module, BlockedAttention):
-            module.min_keys = 1
+    if all_blocks:
+        for module in pipe.unet.modules():
+            if isinstance(module, BlockedAttention):
+                module.min_keys = 1
     with torch.inference_mode():
         return np.concatenate([pipe.txt2img(prompts, seed=1000 * s, output_type="np", progress=False)
                                for s in range(seeds)])

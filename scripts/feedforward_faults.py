@@ -15,7 +15,6 @@ import argparse
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,22 +28,16 @@ from ldm_scratch.spatial_transformer import GEGLUFeedForward  # noqa: E402
 SHAPES = [(320, 4096, 5), (640, 1024, 5), (1280, 256, 6)]     # (channels, tokens, layers per step)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def interleave(ff, x, repeats: int, times: dict) -> None:
     """repeats × (one call, row blocks), each timed after an untimed call (packing for its row count)."""
     for _ in range(repeats):
         for blocks in (False, True):
             use_feedforward_rows(ff, blocks)
             ff(x)
-            times[blocks].append(timed(lambda: ff(x)))
+            times[blocks].append(benchmark.timed(lambda: ff(x)))
 
 
-def minor_faults() -> int:
+def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -69,31 +62,13 @@ def feedforward_alone(dtype: torch.dtype, repeats: int) -> None:
 
 def whole_steps(dtype: torch.dtype, pairs: int) -> None:
     pipe = benchmark.load_ours(benchmark.synthetic_file(benchmark.DEFAULT_FILE), dtype, "cpu", True)
-    with torch.inference_mode():                           # the weights loaded outside it, as load_pipeline's are
-        timed_pairs(pipe, dtype, pairs)
-
-
-def timed_pairs(pipe, dtype: torch.dtype, pairs: int) -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 64, 64, generator=generator).to(dtype)
     t = torch.tensor([500, 500])
     context = torch.randn(2, 77, 768, generator=generator).to(dtype)
-    times, faults = {False: [], True: []}, {False: [], True: []}
-    for blocks in (False, True):                                       # warm both paths (packing, allocator)
-        use_feedforward_rows(pipe.unet, blocks)
-        pipe.unet(x, t, context)
-    for i in range(pairs):
-        for blocks in ((False, True) if i % 2 == 0 else (True, False)):
-            use_feedforward_rows(pipe.unet, blocks)
-            before = minor_faults()
-            times[blocks].append(timed(lambda: pipe.unet(x, t, context)))
-            faults[blocks].append(minor_faults() - before)
-    for blocks, name in ((False, "one call"), (True, "row blocks")):
-        print(f"UNet step, {name}: median {statistics.median(times[blocks]):.3f} s "
-              f"(range {min(times[blocks]):.2f}–{max(times[blocks]):.2f}), "
-              f"minor page faults per step {statistics.median(faults[blocks]):.0f}")
-    ratios = [b / a for a, b in zip(times[False], times[True])]
-    print(f"paired ratio row blocks / one call: median {statistics.median(ratios):.3f}")
+    with torch.inference_mode():                           # the weights loaded outside it, as load_pipeline's are
+        benchmark.switched_pairs(lambda on: use_feedforward_rows(pipe.unet, on), lambda: pipe.unet(x, t, context),
+                                 pairs, ("one call", "row blocks"), probe=minor_page_faults)
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads
         raise ValueError(f"blocked_attention: rows must be a positive number of queries or None (the 4 MiB rule), "
                          f"got {rows!r}")
     d_head = channels // n_heads
+    alpha = d_head ** -0.5                                          # α = 1/√d
     rows = rows or query_rows(n_queries, k.shape[1], q.element_size())
     # [B, N, heads, d] views: a head's queries (or keys) are a [N, d] matrix with row stride C, which the matrix
     # product reads as it is; Kᵀ is a transposed view, no copy.
@@ -71,7 +72,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads
             for start in range(0, n_queries, rows):
                 q_b = q[b, start:start + rows, h]                   # Q_b [rows, d]
                 s = scores[:q_b.shape[0]]
-                torch.addmm(s, q_b, k_t, beta=0, alpha=d_head ** -0.5, out=s)               # S = α Q_b Kᵀ
+                torch.addmm(s, q_b, k_t, beta=0, alpha=alpha, out=s)                        # S = α Q_b Kᵀ
                 out[b, start:start + rows, h] = torch.softmax(s, dim=-1) @ v_h                  # softmax(S) V
     return out.flatten(-2)
 
