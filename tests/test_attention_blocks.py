@@ -32,7 +32,7 @@ def test_query_rows(queries, keys, element_size, rows):
     assert query_rows(queries, keys, element_size) == rows
 
 
-def test_rounding_a_score_to_bfloat16_moves_it_by_at_most_a_2_to_the_minus_9th():
+def test_rounding_a_score_to_bfloat16_moves_it_by_at_most_a_2_to_the_minus_8th():
     """The docstring's cost: a score s becomes s(1 + δ) with |δ| ≤ 2⁻⁸ (8 significant bits, round to nearest: half
     the spacing 2^(e−7) of numbers in [2^e, 2^(e+1)))."""
     s = torch.randn(100_000, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 20
